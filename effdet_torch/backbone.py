@@ -1,0 +1,128 @@
+"""EfficientNet / EfficientNet-lite backbone as the official EfficientDet uses it.
+
+Facts (official ``backbone/efficientnet_model.py``): stem 3x3/s2 SAME conv → BN → act; MBConv blocks
+``[expand 1x1 → BN → act] → depthwise kxk SAME → BN → act → [SE] → project 1x1 → BN [+ identity]``;
+the outputs used are the endpoints before each stride-2 stage and the last block (reduction_3..5).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .config import BackboneConfig
+from .ops import BatchNorm2d, Conv2dSame, create_act
+
+__all__ = ["EfficientNetBackbone", "MBConvBlock", "SqueezeExcite"]
+
+
+class SqueezeExcite(nn.Module):
+    """SE: mean over H, W → 1x1 conv (bias) → act → 1x1 conv (bias) → sigmoid → scale the input.
+
+    ``reduced = max(1, int(block_input_filters * se_ratio))`` (of the block INPUT, not expanded).
+    """
+
+    def __init__(self, channels: int, reduced: int, act_type: str) -> None:
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1, bias=True)
+        self.act = create_act(act_type)
+        self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean(dim=(2, 3), keepdim=True)
+        s = self.conv_expand(self.act(self.conv_reduce(s)))
+        return x * torch.sigmoid(s)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted-residual block. ``[B, C_in, H, W] → [B, C_out, ceil(H/s), ceil(W/s)]``."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand_ratio: int,
+                 se_ratio: float | None, act_type: str) -> None:
+        super().__init__()
+        mid = in_ch * expand_ratio
+        self.has_expand = expand_ratio != 1
+        if self.has_expand:
+            self.conv_expand = Conv2dSame(in_ch, mid, 1, bias=False)
+            self.bn_expand = BatchNorm2d(mid)
+            self.act_expand = create_act(act_type)
+        self.conv_dw = Conv2dSame(mid, mid, kernel, stride, groups=mid, bias=False)
+        self.bn_dw = BatchNorm2d(mid)
+        self.act_dw = create_act(act_type)
+        self.se = SqueezeExcite(mid, max(1, int(in_ch * se_ratio)), act_type) if se_ratio else None
+        self.conv_project = Conv2dSame(mid, out_ch, 1, bias=False)
+        self.bn_project = BatchNorm2d(out_ch)
+        self.has_skip = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x
+        if self.has_expand:
+            y = self.act_expand(self.bn_expand(self.conv_expand(y)))
+        y = self.act_dw(self.bn_dw(self.conv_dw(y)))
+        if self.se is not None:
+            y = self.se(y)
+        y = self.bn_project(self.conv_project(y))
+        if self.has_skip:  # drop-connect is a training-only op; inference is the plain sum
+            y = y + x
+        return y
+
+    def tf_names(self) -> dict[str, str]:
+        """Official variable scopes of this block's layers (Keras auto-names, creation order)."""
+        names = {}
+        convs = ["conv_expand", "conv_project"] if self.has_expand else ["conv_project"]
+        bns = ["bn_expand", "bn_dw", "bn_project"] if self.has_expand else ["bn_dw", "bn_project"]
+        for i, c in enumerate(convs):
+            names[c] = "conv2d" if i == 0 else f"conv2d_{i}"
+        for i, b in enumerate(bns):
+            names[b] = "tpu_batch_normalization" if i == 0 else f"tpu_batch_normalization_{i}"
+        names["conv_dw"] = "depthwise_conv2d"
+        if self.se is not None:
+            names["se.conv_reduce"] = "se/conv2d"
+            names["se.conv_expand"] = "se/conv2d_1"
+        return names
+
+
+class EfficientNetBackbone(nn.Module):
+    """EfficientNet feature extractor. ``[B, 3, H, W] → [P3, P4, P5]`` (strides 8, 16, 32)."""
+
+    def __init__(self, cfg: BackboneConfig, act_type: str, out_levels: tuple[int, ...] = (3, 4, 5)) -> None:
+        super().__init__()
+        self.name = cfg.name
+        stem = cfg.stem_filters()
+        self.conv_stem = Conv2dSame(3, stem, 3, stride=2, bias=False)
+        self.bn_stem = BatchNorm2d(stem)
+        self.act_stem = create_act(act_type)
+        blocks: list[MBConvBlock] = []
+        level_of_block: list[int] = []
+        level = 1  # after the stride-2 stem
+        for stage in cfg.stages():
+            for r in range(stage.repeats):
+                stride = stage.stride if r == 0 else 1
+                level += stride == 2
+                blocks.append(
+                    MBConvBlock(
+                        stage.in_filters if r == 0 else stage.out_filters,
+                        stage.out_filters, stage.kernel, stride, stage.expand_ratio,
+                        stage.se_ratio if cfg.use_se else None, act_type,
+                    )
+                )
+                level_of_block.append(level)
+        self.blocks = nn.ModuleList(blocks)
+        # Endpoint of a level = the last block at that level (official reduction_{level}).
+        self.out_indices = [max(i for i, lv in enumerate(level_of_block) if lv == lvl) for lvl in out_levels]
+        self.out_channels = [blocks[i].bn_project.num_features for i in self.out_indices]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.act_stem(self.bn_stem(self.conv_stem(x)))
+        feats = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.out_indices:
+                feats.append(x)
+        return feats
+
+    def tf_names(self) -> dict[str, str]:
+        names = {"conv_stem": "stem/conv2d", "bn_stem": "stem/tpu_batch_normalization"}
+        for i in range(len(self.blocks)):
+            names[f"blocks.{i}"] = f"blocks_{i}"
+        return names

@@ -1,0 +1,283 @@
+"""One table of the 15 official EfficientDet variants, and the BiFPN graph as data.
+
+Every number here is a fact of google/automl ``efficientdet/hparams_config.py`` and the EfficientNet
+builders (recorded in ``golden/manifests/<variant>.json.gz`` → ``config_facts``); the test
+``tests/test_config.py`` checks the table against those manifests.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+__all__ = [
+    "BackboneConfig",
+    "BlockArgs",
+    "EfficientDetConfig",
+    "FpnNode",
+    "VARIANTS",
+    "bifpn_nodes",
+    "get_config",
+    "parse_image_size",
+    "resolve_variant_name",
+]
+
+
+@dataclass(frozen=True)
+class BlockArgs:
+    """One EfficientNet stage before width/depth scaling (``r{repeats}_k{kernel}_s{stride}_e{expand}``)."""
+
+    repeats: int
+    kernel: int
+    stride: int
+    expand_ratio: int
+    in_filters: int
+    out_filters: int
+    se_ratio: float = 0.25
+
+
+# The EfficientNet-B0 stage table (the paper's Table 1), shared by every B* and lite* backbone.
+EFFICIENTNET_STAGES: tuple[BlockArgs, ...] = (
+    BlockArgs(1, 3, 1, 1, 32, 16),
+    BlockArgs(2, 3, 2, 6, 16, 24),
+    BlockArgs(2, 5, 2, 6, 24, 40),
+    BlockArgs(3, 3, 2, 6, 40, 80),
+    BlockArgs(3, 5, 1, 6, 80, 112),
+    BlockArgs(4, 5, 2, 6, 112, 192),
+    BlockArgs(1, 3, 1, 6, 192, 320),
+)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """An EfficientNet backbone: width/depth multipliers and the lite-family switches."""
+
+    name: str
+    width: float
+    depth: float
+    lite: bool = False  # lite: no SE, stem and first/last stage repeats not scaled (fix_head_stem)
+
+    @property
+    def use_se(self) -> bool:
+        return not self.lite
+
+    def round_filters(self, filters: int) -> int:
+        """Scale channels by ``width`` and round to a multiple of 8, never more than 10 % down."""
+        divisor = 8
+        scaled = filters * self.width
+        rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+        if rounded < 0.9 * scaled:
+            rounded += divisor
+        return int(rounded)
+
+    def round_repeats(self, repeats: int) -> int:
+        return int(math.ceil(self.depth * repeats))
+
+    def stem_filters(self) -> int:
+        return 32 if self.lite else self.round_filters(32)
+
+    def stages(self) -> list[BlockArgs]:
+        """The scaled stage table: filters rounded, repeats scaled (lite keeps first/last repeats)."""
+        out = []
+        last = len(EFFICIENTNET_STAGES) - 1
+        for i, s in enumerate(EFFICIENTNET_STAGES):
+            keep = self.lite and i in (0, last)
+            out.append(
+                replace(
+                    s,
+                    repeats=s.repeats if keep else self.round_repeats(s.repeats),
+                    # the first stage reads the stem, which lite keeps at 32 channels
+                    in_filters=self.stem_filters() if i == 0 else self.round_filters(s.in_filters),
+                    out_filters=self.round_filters(s.out_filters),
+                )
+            )
+        return out
+
+
+BACKBONES: dict[str, BackboneConfig] = {
+    b.name: b
+    for b in (
+        BackboneConfig("efficientnet-b0", 1.0, 1.0),
+        BackboneConfig("efficientnet-b1", 1.0, 1.1),
+        BackboneConfig("efficientnet-b2", 1.1, 1.2),
+        BackboneConfig("efficientnet-b3", 1.2, 1.4),
+        BackboneConfig("efficientnet-b4", 1.4, 1.8),
+        BackboneConfig("efficientnet-b5", 1.6, 2.2),
+        BackboneConfig("efficientnet-b6", 1.8, 2.6),
+        BackboneConfig("efficientnet-b7", 2.0, 3.1),
+        BackboneConfig("efficientnet-lite0", 1.0, 1.0, lite=True),
+        BackboneConfig("efficientnet-lite1", 1.0, 1.1, lite=True),
+        BackboneConfig("efficientnet-lite2", 1.1, 1.2, lite=True),
+        BackboneConfig("efficientnet-lite3", 1.2, 1.4, lite=True),
+        BackboneConfig("efficientnet-lite4", 1.4, 1.8, lite=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class FpnNode:
+    """A BiFPN node: its pyramid level and the indices of its inputs in the running feature list."""
+
+    level: int
+    inputs: tuple[int, ...]
+
+
+def bifpn_nodes(min_level: int, max_level: int) -> tuple[FpnNode, ...]:
+    """The BiFPN graph (official ``fpn_configs.bifpn_config``) as a node list.
+
+    Feature list indices ``0..L-1`` are the cell inputs P_min..P_max; each node appends one entry.
+    Top-down: P_{max-1}'..P_min'' take (P_l, the node above); bottom-up: P_{min+1}''..P_max'' take
+    (P_l, P_l' when it exists, the node below). For P3-P7 this is
+    P6'(3,4) P5'(2,5) P4'(1,6) P3''(0,7) P4''(1,7,8) P5''(2,6,9) P6''(3,5,10) P7''(4,11).
+    """
+    levels = list(range(min_level, max_level + 1))
+    last = {lvl: [i] for i, lvl in enumerate(levels)}  # every entry of each level, in order
+    nodes: list[FpnNode] = []
+    n = len(levels)
+    for lvl in range(max_level - 1, min_level - 1, -1):  # top-down
+        nodes.append(FpnNode(lvl, (last[lvl][-1], last[lvl + 1][-1])))
+        last[lvl].append(n + len(nodes) - 1)
+    for lvl in range(min_level + 1, max_level + 1):  # bottom-up
+        nodes.append(FpnNode(lvl, tuple(last[lvl]) + (last[lvl - 1][-1],)))
+        last[lvl].append(n + len(nodes) - 1)
+    return tuple(nodes)
+
+
+@dataclass(frozen=True)
+class EfficientDetConfig:
+    """Resolved config of one official variant (only what inference and conversion need)."""
+
+    name: str
+    backbone: BackboneConfig
+    image_size: tuple[int, int]  # (H, W)
+    fpn_channels: int
+    fpn_repeats: int
+    head_repeats: int
+    anchor_scale: float
+    min_level: int = 3
+    max_level: int = 7
+    num_scales: int = 3
+    aspect_ratios: tuple[float, ...] = (1.0, 2.0, 0.5)
+    fpn_weight_method: str = "fastattn"  # 'fastattn' (d0-d5) or 'sum' (d6, d7, d7x, lite*)
+    act_type: str = "swish"  # 'swish' (d*) or 'relu6' (lite*)
+    num_classes: int = 90
+    mean_rgb: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+    stddev_rgb: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+    # Official inference post-processing: Gaussian soft-NMS (sigma 0.5, passed to NMSV5 as 0.25).
+    nms_sigma: float = 0.5
+    nms_iou_threshold: float = 0.5
+    nms_score_threshold: float = 0.001
+    max_detections: int = 100
+    eval_max_nms_inputs: int = 5000  # anchors.MAX_DETECTION_POINTS on the COCO-eval path
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.99  # TF convention (torch momentum = 1 - this)
+    fpn_nodes: tuple[FpnNode, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.fpn_nodes:
+            object.__setattr__(self, "fpn_nodes", bifpn_nodes(self.min_level, self.max_level))
+
+    @property
+    def levels(self) -> list[int]:
+        return list(range(self.min_level, self.max_level + 1))
+
+    @property
+    def num_anchors(self) -> int:
+        return self.num_scales * len(self.aspect_ratios)
+
+    def feature_sizes(self, image_size: tuple[int, int] | None = None) -> dict[int, tuple[int, int]]:
+        """Feature map size per level: each level halves with ceil (official ``get_feat_sizes``)."""
+        h, w = image_size or self.image_size
+        sizes = {0: (h, w)}
+        for lvl in range(1, self.max_level + 1):
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            sizes[lvl] = (h, w)
+        return sizes
+
+
+_LITE_MEAN = (127.0, 127.0, 127.0)
+_LITE_STD = (128.0, 128.0, 128.0)
+
+
+def _d(name, backbone, size, ch, fpn_rep, head_rep, anchor_scale=4.0, method="fastattn", max_level=7):
+    return EfficientDetConfig(
+        name=name, backbone=BACKBONES[backbone], image_size=(size, size), fpn_channels=ch,
+        fpn_repeats=fpn_rep, head_repeats=head_rep, anchor_scale=anchor_scale,
+        fpn_weight_method=method, max_level=max_level,
+    )
+
+
+def _lite(name, backbone, size, ch, fpn_rep, head_rep, anchor_scale):
+    return EfficientDetConfig(
+        name=name, backbone=BACKBONES[backbone], image_size=(size, size), fpn_channels=ch,
+        fpn_repeats=fpn_rep, head_repeats=head_rep, anchor_scale=anchor_scale,
+        fpn_weight_method="sum", act_type="relu6", mean_rgb=_LITE_MEAN, stddev_rgb=_LITE_STD,
+    )
+
+
+#: The variant table (official hparams_config.py). lite3/lite4 keep the default anchor_scale 4.0.
+VARIANTS: dict[str, EfficientDetConfig] = {
+    c.name: c
+    for c in (
+        _d("efficientdet-d0", "efficientnet-b0", 512, 64, 3, 3),
+        _d("efficientdet-d1", "efficientnet-b1", 640, 88, 4, 3),
+        _d("efficientdet-d2", "efficientnet-b2", 768, 112, 5, 3),
+        _d("efficientdet-d3", "efficientnet-b3", 896, 160, 6, 4),
+        _d("efficientdet-d4", "efficientnet-b4", 1024, 224, 7, 4),
+        _d("efficientdet-d5", "efficientnet-b5", 1280, 288, 7, 4),
+        _d("efficientdet-d6", "efficientnet-b6", 1280, 384, 8, 5, method="sum"),
+        _d("efficientdet-d7", "efficientnet-b6", 1536, 384, 8, 5, anchor_scale=5.0, method="sum"),
+        _d("efficientdet-d7x", "efficientnet-b7", 1536, 384, 8, 5, method="sum", max_level=8),
+        _lite("efficientdet-lite0", "efficientnet-lite0", 320, 64, 3, 3, 3.0),
+        _lite("efficientdet-lite1", "efficientnet-lite1", 384, 88, 4, 3, 3.0),
+        _lite("efficientdet-lite2", "efficientnet-lite2", 448, 112, 5, 3, 3.0),
+        _lite("efficientdet-lite3", "efficientnet-lite3", 512, 160, 6, 4, 4.0),
+        _lite("efficientdet-lite3x", "efficientnet-lite3", 640, 200, 6, 4, 3.0),
+        _lite("efficientdet-lite4", "efficientnet-lite4", 640, 224, 7, 4, 4.0),
+    )
+}
+
+
+def resolve_variant_name(name: str) -> str:
+    """``d7x`` / ``D7X`` / ``efficientdet-d7x`` → ``efficientdet-d7x``; unknown names suggest the nearest."""
+    key = name.strip().lower().replace("_", "-")
+    if not key.startswith("efficientdet-"):
+        key = "efficientdet-" + key
+    if key in VARIANTS:
+        return key
+    short = [v.removeprefix("efficientdet-") for v in VARIANTS]
+    close = difflib.get_close_matches(key.removeprefix("efficientdet-"), short, n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown EfficientDet variant {name!r}.{hint} Valid: {', '.join(short)}")
+
+
+def parse_image_size(size: int | str | Sequence[int]) -> tuple[int, int]:
+    """Image size as ``(H, W)`` from an int, ``(H, W)``, or the official ``'WxH'`` string."""
+    if isinstance(size, int):
+        hw = (size, size)
+    elif isinstance(size, str):
+        s = size.lower().strip()
+        if "x" in s:
+            w, h = s.split("x", 1)
+            hw = (int(h), int(w))
+        else:
+            hw = (int(s), int(s))
+    else:
+        h, w = size
+        hw = (int(h), int(w))
+    if min(hw) < 1:
+        raise ValueError(f"image size must be positive, got {size!r}")
+    return hw
+
+
+def get_config(name: str, image_size: int | str | Sequence[int] | None = None,
+               num_classes: int | None = None) -> EfficientDetConfig:
+    """The official config of ``name`` with optional ``image_size`` / ``num_classes`` overrides."""
+    cfg = VARIANTS[resolve_variant_name(name)]
+    changes: dict = {}
+    if image_size is not None:
+        changes["image_size"] = parse_image_size(image_size)
+    if num_classes is not None:
+        changes["num_classes"] = int(num_classes)
+    return replace(cfg, **changes) if changes else cfg

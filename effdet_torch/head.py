@@ -1,0 +1,54 @@
+"""Class and box prediction nets (official ``ClassNet`` / ``BoxNet``).
+
+``repeats × [SeparableConv2D 3x3 (bias, shared over levels) → BN (per repeat AND level) → act]``
+then a shared separable predict conv (bias, no BN/act). No residual at inference (survival_prob None).
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+from torch import Tensor
+
+from .ops import BatchNorm2d, SeparableConv2d, create_act
+
+__all__ = ["HeadNet"]
+
+
+class HeadNet(nn.Module):
+    """``[P_min..P_max] ([B, C, H_l, W_l]) → [B, A * out_per_anchor, H_l, W_l]`` per level.
+
+    ``kind`` is ``'class'`` (channel = anchor · num_classes + class) or ``'box'``
+    (channel = anchor · 4 + (ty, tx, th, tw)).
+    """
+
+    def __init__(self, kind: str, in_ch: int, repeats: int, levels: list[int], num_anchors: int,
+                 out_per_anchor: int, act_type: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.levels = list(levels)
+        self.convs = nn.ModuleList([SeparableConv2d(in_ch, in_ch, 3) for _ in range(repeats)])
+        self.bns = nn.ModuleList(
+            [nn.ModuleList([BatchNorm2d(in_ch) for _ in self.levels]) for _ in range(repeats)]
+        )
+        self.act = create_act(act_type)
+        self.predict = SeparableConv2d(in_ch, num_anchors * out_per_anchor, 3)
+        if kind == "class":  # training init only (prior 0.01); converted weights overwrite it
+            nn.init.constant_(self.predict.conv_pw.bias, -math.log((1 - 0.01) / 0.01))
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        outs = []
+        for j, x in enumerate(feats):
+            for conv, bns in zip(self.convs, self.bns):
+                x = self.act(bns[j](conv(x)))
+            outs.append(self.predict(x))
+        return outs
+
+    def tf_names(self) -> dict[str, str]:
+        k = self.kind
+        names = {f"convs.{i}": f"{k}-{i}" for i in range(len(self.convs))}
+        for i in range(len(self.convs)):
+            for j, lvl in enumerate(self.levels):
+                names[f"bns.{i}.{j}"] = f"{k}-{i}-bn-{lvl}"
+        names["predict"] = f"{k}-predict"
+        return names

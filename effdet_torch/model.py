@@ -1,0 +1,144 @@
+"""The EfficientDet network and the ``create_model`` factory."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .backbone import EfficientNetBackbone
+from .bifpn import BiFpn
+from .config import EfficientDetConfig, get_config
+from .head import HeadNet
+
+__all__ = ["EfficientDet", "create_model", "load_checkpoint"]
+
+
+class EfficientDet(nn.Module):
+    """EfficientDet network: backbone → BiFPN → class/box heads.
+
+    ``forward([B, 3, H, W] normalised image) → (class_outputs, box_outputs)``, each a list over
+    levels ``min_level..max_level`` of ``[B, A·num_classes, H_l, W_l]`` / ``[B, A·4, H_l, W_l]``
+    logits / box codes (NCHW; the official NHWC tensors are these permuted).
+    Any input size works; level sizes follow the official ``(n - 1) // 2 + 1`` halving.
+    """
+
+    def __init__(self, config: EfficientDetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = EfficientNetBackbone(config.backbone, config.act_type)
+        self.fpn = BiFpn(config, self.backbone.out_channels)
+        levels = config.levels
+        self.class_net = HeadNet("class", config.fpn_channels, config.head_repeats, levels,
+                                 config.num_anchors, config.num_classes, config.act_type)
+        self.box_net = HeadNet("box", config.fpn_channels, config.head_repeats, levels,
+                               config.num_anchors, 4, config.act_type)
+
+    def level_sizes(self, hw: tuple[int, int]) -> list[tuple[int, int]]:
+        """``[(H_l, W_l)]`` for ``l = min_level..max_level`` of an input of size ``hw``."""
+        sizes = self.config.feature_sizes(hw)
+        return [sizes[lvl] for lvl in self.config.levels]
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        sizes = self.level_sizes((int(x.shape[-2]), int(x.shape[-1])))
+        feats = self.backbone(x)
+        feats = self.fpn(feats, sizes)
+        return self.class_net(feats), self.box_net(feats)
+
+    def tf_names(self) -> dict[str, str]:
+        return {"backbone": self.backbone.name, "fpn": "", "class_net": "class_net", "box_net": "box_net"}
+
+    def reset_class_head(self, num_classes: int) -> None:
+        """Replace the class predictor for ``num_classes`` (fine-tuning on another label set)."""
+        cfg = self.config
+        old = self.class_net.predict
+        new = HeadNet("class", cfg.fpn_channels, 1, cfg.levels, cfg.num_anchors, num_classes, cfg.act_type).predict
+        new.to(device=old.conv_pw.weight.device, dtype=old.conv_pw.weight.dtype)
+        self.class_net.predict = new
+        from dataclasses import replace
+
+        self.config = replace(cfg, num_classes=num_classes)
+
+
+def _is_state_dict_file(path: str) -> bool:
+    return str(path).endswith((".pth", ".pt", ".safetensors"))
+
+
+def load_checkpoint(path: str | os.PathLike, variant: str | None = None, ema: bool = True) -> dict[str, Tensor]:
+    """A torch state dict from a converted ``.pth``/``.safetensors`` or any official checkpoint.
+
+    Official formats (TF1 directory/prefix/tarball, Keras ``.h5``) are converted on the fly by
+    :mod:`converters`, which then needs ``variant``.
+    """
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if _is_state_dict_file(path):
+        from converters.convert import load_state_dict_file
+
+        return load_state_dict_file(path)
+    if variant is None:
+        raise ValueError(f"{path}: converting an official checkpoint needs the variant name")
+    from converters.convert import convert_checkpoint
+
+    return convert_checkpoint(path, variant, ema=ema).state_dict
+
+
+def create_model(name: str, num_classes: int | None = None, checkpoint: str | os.PathLike | None = None,
+                 image_size: int | str | Sequence[int] | None = None, ema: bool = True) -> EfficientDet:
+    """Build an official EfficientDet variant, optionally loading weights.
+
+    Args:
+        name: ``'d0'``…``'d7x'``, ``'lite0'``…``'lite4'``, ``'lite3x'`` or the full official name.
+        num_classes: classes of the class head; if it differs from the checkpoint's, only the class
+            predictor is reset (with a warning) and everything else is loaded.
+        checkpoint: a converted ``.pth``/``.safetensors`` or an official checkpoint (TF1 dir, prefix,
+            release tarball, Keras ``.h5``).
+        image_size: int, ``(H, W)`` or the official ``'WxH'`` string; default the variant's size.
+        ema: for official checkpoints, take the ExponentialMovingAverage shadows (the official
+            loader's choice); ``False`` takes the raw variables.
+    The model is returned in ``eval()`` mode.
+    """
+    base = get_config(name, image_size=image_size)
+    if checkpoint is None:
+        model = EfficientDet(get_config(name, image_size=image_size, num_classes=num_classes))
+        return model.eval()
+    state = load_checkpoint(checkpoint, base.name, ema=ema)
+    key = "class_net.predict.conv_pw.bias"
+    if key not in state:
+        raise ValueError(f"{checkpoint}: not an EfficientDet state dict (no {key!r})")
+    ckpt_classes = state[key].shape[0] // base.num_anchors
+    model = EfficientDet(get_config(name, image_size=image_size, num_classes=ckpt_classes))
+    _strict_load(model, state, str(checkpoint))
+    if num_classes is not None and num_classes != ckpt_classes:
+        warnings.warn(
+            f"{checkpoint}: checkpoint has {ckpt_classes} classes, asked for {num_classes}; "
+            f"the class predictor (class_net.predict) is reset, every other weight is loaded",
+            stacklevel=2,
+        )
+        model.reset_class_head(num_classes)
+    return model.eval()
+
+
+def _strict_load(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k, got, want = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatch(es), first {k}: checkpoint {got} vs model {want}")
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}")
+        raise ValueError(f"{source}: does not fit {model.config.name}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)

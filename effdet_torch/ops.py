@@ -1,0 +1,157 @@
+"""TensorFlow-exact building blocks: SAME padding, separable convs, BN, max-pool and resizes.
+
+Layout is NCHW throughout; every docstring names the TF behaviour the module reproduces.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "BatchNorm2d",
+    "Conv2dSame",
+    "MaxPool2dSame",
+    "SeparableConv2d",
+    "create_act",
+    "max_pool2d_same",
+    "resize_bilinear_half_pixel",
+    "resize_nearest_tf1",
+    "same_padding",
+]
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TF ``padding='SAME'`` along one axis: ``(before, after)``.
+
+    ``total = max((ceil(n/s) - 1) * s + (k-1)*d + 1 - n, 0)``, ``before = total // 2``,
+    ``after = total - before``: the extra pixel goes bottom/right, and odd sizes pad both sides.
+    """
+    eff_k = (kernel - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + eff_k - size, 0)
+    return total // 2, total - total // 2
+
+
+def _static_same(kernel: int, stride: int) -> int | None:
+    """Symmetric padding when SAME does not depend on the input size (stride 1, odd kernel)."""
+    if stride == 1 and kernel % 2 == 1:
+        return kernel // 2
+    return None
+
+
+class Conv2dSame(nn.Conv2d):
+    """``tf.keras.layers.Conv2D(padding='same')`` (also depthwise with ``groups=C``), NCHW.
+
+    Size-independent padding is done by the conv itself; stride-2 SAME padding depends on the input
+    parity and is computed per call (a traced/compiled graph fixes it for its input size).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1,
+                 groups: int = 1, bias: bool = True) -> None:
+        pad = _static_same(kernel_size, stride)
+        super().__init__(in_ch, out_ch, kernel_size, stride, padding=pad or 0, groups=groups, bias=bias)
+        self._dynamic = pad is None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._dynamic:
+            kh, kw = self.kernel_size
+            sh, sw = self.stride
+            top, bottom = same_padding(x.shape[-2], kh, sh)
+            left, right = same_padding(x.shape[-1], kw, sw)
+            if top or bottom or left or right:
+                x = F.pad(x, (left, right, top, bottom))
+        return super().forward(x)
+
+
+class SeparableConv2d(nn.Module):
+    """``tf.keras.layers.SeparableConv2D(k, padding='same', depth_multiplier=1)``.
+
+    Depthwise kxk (no bias) → pointwise 1x1 → bias (Keras adds the bias after the pointwise conv).
+    ``[B, C_in, H, W] → [B, C_out, H, W]``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, bias: bool = True) -> None:
+        super().__init__()
+        self.conv_dw = Conv2dSame(in_ch, in_ch, kernel_size, groups=in_ch, bias=False)
+        self.conv_pw = nn.Conv2d(in_ch, out_ch, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv_pw(self.conv_dw(x))
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """TF BatchNormalization: epsilon 1e-3, momentum 0.99 (torch 0.01); no ``num_batches_tracked``.
+
+    Inference is ``gamma * (x - mean) / sqrt(var + eps) + beta``; the state dict holds exactly the
+    four TF variables (gamma, beta, moving_mean, moving_variance) so conversion is one-to-one.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-3, tf_momentum: float = 0.99) -> None:
+        super().__init__(num_features, eps=eps, momentum=1.0 - tf_momentum)
+        self.register_buffer("num_batches_tracked", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        # Skip _NormBase's legacy hook that inserts a num_batches_tracked entry.
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+
+class Swish(nn.Module):
+    """``tf.nn.swish`` = x · sigmoid(x)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.silu(x)
+
+
+def create_act(act_type: str) -> nn.Module:
+    """Official ``utils.activation_fn``: 'swish' (EfficientDet d*) or 'relu6' (lite*)."""
+    if act_type in ("swish", "silu"):
+        return Swish()
+    if act_type == "relu6":
+        return nn.ReLU6()
+    if act_type == "relu":
+        return nn.ReLU()
+    raise ValueError(f"unsupported act_type {act_type!r}")
+
+
+class MaxPool2dSame(nn.Module):
+    """``MaxPooling2D(pool_size, strides, padding='SAME')``: padded cells never win (pad with -inf)."""
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        return max_pool2d_same(x, self.kernel_size, self.stride)
+
+
+def max_pool2d_same(x: Tensor, kernel: int, stride: int) -> Tensor:
+    """Functional :class:`MaxPool2dSame`. ``[B, C, H, W] → [B, C, ceil(H/s), ceil(W/s)]``."""
+    top, bottom = same_padding(x.shape[-2], kernel, stride)
+    left, right = same_padding(x.shape[-1], kernel, stride)
+    if top or bottom or left or right:
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+    return F.max_pool2d(x, kernel, stride)
+
+
+def resize_nearest_tf1(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """``tf.compat.v1.image.resize_nearest_neighbor`` (align_corners=False, half_pixel_centers=False).
+
+    ``src = min(floor(dst * in / out), in - 1)`` per axis, which is torch's legacy ``'nearest'`` mode;
+    an exact 2x upsample is a pixel repeat. ``[B, C, h, w] → [B, C, *size]``.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="nearest")
+
+
+def resize_bilinear_half_pixel(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """TF2 ``tf.image.resize(method='bilinear', antialias=False)``: half-pixel centres, edge clamp.
+
+    ``src = (dst + 0.5) * in / out - 0.5`` clamped at 0, which is torch's ``align_corners=False``.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
