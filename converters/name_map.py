@@ -33,17 +33,17 @@ class Layout(enum.Enum):
 
     def to_torch(self, a: np.ndarray) -> np.ndarray:
         if self is Layout.CONV:
-            return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
-        if self is Layout.DEPTHWISE:
-            return np.ascontiguousarray(a.transpose(2, 3, 0, 1))
-        return np.ascontiguousarray(a)
+            a = a.transpose(3, 2, 0, 1)
+        elif self is Layout.DEPTHWISE:
+            a = a.transpose(2, 3, 0, 1)
+        return np.array(a, order="C")  # (ascontiguousarray would turn scalars into shape [1])
 
     def to_tf(self, a: np.ndarray) -> np.ndarray:
         if self is Layout.CONV:
-            return np.ascontiguousarray(a.transpose(2, 3, 1, 0))
-        if self is Layout.DEPTHWISE:
-            return np.ascontiguousarray(a.transpose(2, 3, 0, 1))
-        return np.ascontiguousarray(a)
+            a = a.transpose(2, 3, 1, 0)
+        elif self is Layout.DEPTHWISE:
+            a = a.transpose(2, 3, 0, 1)
+        return np.array(a, order="C")
 
     def tf_shape(self, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
         if self is Layout.CONV:

@@ -1,0 +1,203 @@
+"""Official checkpoint → torch state dict, checked variable by variable.
+
+The official loader (``util_keras.restore_ckpt``) assigns the raw key then
+``<name>/ExponentialMovingAverage``, so the EMA shadow wins; ``/Momentum`` slots and ``global_step``
+are unused. Conversion does the same by default (``ema=False`` takes the raw values) and refuses
+anything missing, unexpected, of the wrong shape, or not finite — naming the variables.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from effdet_torch.config import VARIANTS, resolve_variant_name
+
+from .name_map import MapEntry, name_map_for
+from .sources import CheckpointError, CheckpointSource, open_checkpoint
+
+__all__ = [
+    "ConversionError",
+    "ConversionResult",
+    "convert_checkpoint",
+    "load_state_dict_file",
+    "save_state_dict",
+]
+
+EMA_SUFFIX = "/ExponentialMovingAverage"
+IGNORED_SUFFIXES = ("/Momentum",)
+IGNORED_KEYS = ("global_step",)
+
+
+class ConversionError(CheckpointError):
+    """The checkpoint does not fit the requested variant, or holds bad values."""
+
+
+@dataclass
+class ConversionResult:
+    state_dict: dict[str, torch.Tensor]
+    variant: str
+    source: str
+    source_kind: str  # 'tf1' or 'h5'
+    ema: bool | None  # None for .h5 (weights as the Keras model held them)
+    n_mapped: int
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def num_params(self) -> int:
+        return sum(v.numel() for k, v in self.state_dict.items() if "running_" not in k)
+
+
+def _fmt(names: list[str], n: int = 5) -> str:
+    more = f" … and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _guess_variant(source: CheckpointSource, ema_suffix: str) -> str | None:
+    """The variant whose map fits the checkpoint's names and shapes, if any."""
+    keys = source._keyset
+    for name in VARIANTS:
+        entries = name_map_for(name)
+        if all(e.tf_name in keys and tuple(source.shape(e.tf_name)) == e.tf_shape for e in entries):
+            return name
+    return None
+
+
+def _check_fit(source: CheckpointSource, entries: list[MapEntry], variant: str, ema: bool) -> list[str]:
+    """Raise a ConversionError if the checkpoint does not fit; return the ignored keys."""
+    keys = source._keyset
+    where = str(source.path)
+    wanted = {e.tf_name for e in entries}
+    if source.kind == "tf1":
+        allowed = wanted | {n + EMA_SUFFIX for n in wanted}
+    else:
+        allowed = wanted
+    ignored = sorted(k for k in keys if k in IGNORED_KEYS or k.endswith(IGNORED_SUFFIXES))
+    unexpected = sorted(k for k in keys if k not in allowed and k not in ignored)
+    missing = [e.tf_name for e in entries if e.tf_name not in keys]
+    bad_shapes = [(e.tf_name, tuple(source.shape(e.tf_name)), e.tf_shape)
+                  for e in entries if e.tf_name in keys and tuple(source.shape(e.tf_name)) != e.tf_shape]
+    missing_ema: list[str] = []
+    if source.kind == "tf1" and ema:
+        missing_ema = [e.tf_name + EMA_SUFFIX for e in entries if e.tf_name + EMA_SUFFIX not in keys]
+    if not (missing or unexpected or bad_shapes or missing_ema):
+        return ignored
+    guess = _guess_variant(source, EMA_SUFFIX)
+    lines = [f"{where}: does not fit {variant}"]
+    if guess and guess != variant:
+        lines[0] += f" (it looks like {guess}: try `convert-ckpt {guess.removeprefix('efficientdet-')}`)"
+    if bad_shapes:
+        n, got, want = bad_shapes[0]
+        lines.append(f"first shape mismatch: {n}: checkpoint {list(got)} vs {variant} {list(want)}"
+                     f" ({len(bad_shapes)} variables of the wrong shape)")
+    if missing:
+        lines.append(f"{len(missing)} variables missing: {_fmt(missing)}")
+    if unexpected:
+        lines.append(f"{len(unexpected)} unexpected variables: {_fmt(unexpected)}")
+    if missing_ema and not missing:
+        if len(missing_ema) == len(entries):
+            lines.append("the checkpoint has no ExponentialMovingAverage shadows; use --no-ema (ema=False) "
+                         "to convert its raw values")
+        else:
+            lines.append(f"{len(missing_ema)} EMA shadows missing: {_fmt(missing_ema)}")
+    raise ConversionError("\n  ".join(lines))
+
+
+def convert_checkpoint(path: str | os.PathLike, variant: str, ema: bool = True,
+                       num_classes: int | None = None, progress: bool = False) -> ConversionResult:
+    """Convert an official checkpoint of ``variant`` (TF1 dir/prefix/tarball or Keras ``.h5``)."""
+    variant = resolve_variant_name(variant)
+    with open_checkpoint(path) as source:
+        classes = num_classes
+        if classes is None:  # the class head's width tells the number of classes
+            key = "class_net/class-predict/bias"
+            if key in source:
+                anchors = VARIANTS[variant].num_anchors
+                classes = source.shape(key)[0] // anchors
+        entries = name_map_for(variant, num_classes=classes)
+        ignored = _check_fit(source, entries, variant, ema)
+        take_ema = source.kind == "tf1" and ema
+        it = entries
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(entries, desc=f"converting {Path(path).name}", unit="var")
+        state: dict[str, torch.Tensor] = {}
+        for e in it:
+            name = e.tf_name + EMA_SUFFIX if take_ema else e.tf_name
+            arr = source.read(name)
+            if arr.dtype != np.float32:
+                if not np.issubdtype(arr.dtype, np.floating):
+                    raise ConversionError(f"{source.path}: {name} has dtype {arr.dtype}, expected a float")
+                arr = arr.astype(np.float32)
+            if not np.isfinite(arr).all():
+                bad = int((~np.isfinite(arr)).sum())
+                raise ConversionError(f"{source.path}: {name} holds {bad} NaN/Inf value(s); refusing to convert")
+            state[e.torch_key] = torch.from_numpy(e.layout.to_torch(arr))
+        return ConversionResult(state, variant, str(path), source.kind, take_ema if source.kind == "tf1" else None,
+                                len(entries), ignored)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, force: bool = False,
+                    metadata: dict[str, str] | None = None) -> str:
+    """Write ``.pth`` (torch.save) or ``.safetensors`` atomically; return the file's sha256."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: already exists; pass --force (force=True) to overwrite")
+    state = {k: v.contiguous() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    else:
+        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a converted ``.pth`` safely (``weights_only=True``) and check it is a state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a loadable torch file with weights_only=True ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items()):
+        raise CheckpointError(f"{path}: not a state_dict (expected a dict of str -> Tensor, got {type(obj).__name__})")
+    return obj

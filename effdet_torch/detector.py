@@ -1,0 +1,67 @@
+"""End-to-end inference as the official ``EfficientDetModel`` (pre_mode 'infer', post_mode 'global')."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .anchors import generate_anchors
+from .model import EfficientDet
+from .postprocess import Detections, flatten_outputs, postprocess_global, postprocess_per_class
+from .preprocess import preprocess_image
+
+__all__ = ["Detector"]
+
+
+class Detector:
+    """Wraps an :class:`EfficientDet` with the official pre- and post-processing.
+
+    ``Detector(model)(images)`` takes uint8 RGB ``[h, w, 3]`` images of any sizes and returns
+    :class:`Detections` in original-image pixels (boxes ymin, xmin, ymax, xmax; 1-based classes).
+    """
+
+    def __init__(self, model: EfficientDet, image_size: tuple[int, int] | None = None) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.image_size = tuple(image_size or self.config.image_size)
+        self._anchors: dict[tuple, Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def anchors(self, hw: tuple[int, int]) -> Tensor:
+        key = (tuple(hw), self.device)
+        if key not in self._anchors:
+            self._anchors[key] = torch.from_numpy(generate_anchors(self.config, hw)).to(self.device)
+        return self._anchors[key]
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """uint8 images → ``([B, 3, H, W]`` network input, ``[B]`` image scales)."""
+        xs, scales = [], []
+        for img in images:
+            x, s = preprocess_image(img, self.image_size, self.config.mean_rgb, self.config.stddev_rgb, self.device)
+            xs.append(x)
+            scales.append(float(s))
+        return torch.cat(xs), torch.tensor(scales, dtype=torch.float32)
+
+    @torch.no_grad()
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Network on a preprocessed batch → flattened ``[B, N, C]`` logits and ``[B, N, 4]`` codes."""
+        cls, box = self.model(x)
+        return flatten_outputs(cls, box, self.config.num_classes)
+
+    @torch.no_grad()
+    def detect_tensor(self, x: Tensor, image_scale: Tensor | float | None = None, per_class: bool = False) -> Detections:
+        """Detections of a preprocessed batch (``per_class``: the official COCO-eval path)."""
+        cls, box = self.heads(x)
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        if per_class:
+            return postprocess_per_class(self.config, cls.float(), box.float(), self.anchors(hw), image_scale)
+        return postprocess_global(self.config, cls.float(), box.float(), self.anchors(hw), hw, image_scale)
+
+    def __call__(self, images: Sequence[np.ndarray], per_class: bool = False) -> Detections:
+        x, scales = self.preprocess(images)
+        return self.detect_tensor(x, scales, per_class=per_class)
