@@ -1,0 +1,73 @@
+"""Shared test fixtures: where the goldens are, TF availability, converted golden models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_GOLDEN = REPO / "golden"
+SHARED_GOLDEN = Path(os.environ.get("EFFDET_SHARED_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("effdet-parity")
+    group.addoption("--automl-dir", default=os.environ.get("EFFDET_AUTOML_DIR"),
+                    help="a google/automl checkout (its efficientdet/ is imported for live parity tests)")
+    group.addoption("--ckpt-dir", default=os.environ.get("EFFDET_CKPT_DIR"),
+                    help="folder with official release checkpoints (efficientdet-d0/, *.tar.gz, *.h5)")
+
+
+@pytest.fixture(scope="session")
+def automl_dir(request: pytest.FixtureRequest) -> Path:
+    d = request.config.getoption("--automl-dir")
+    if not d:
+        pytest.skip("needs the official code: pass --automl-dir DIR (a google/automl checkout)")
+    p = Path(d)
+    if not (p / "efficientdet").is_dir():
+        pytest.skip(f"--automl-dir {p} has no efficientdet/ folder")
+    return p
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(request: pytest.FixtureRequest) -> Path | None:
+    d = request.config.getoption("--ckpt-dir")
+    return Path(d) if d else None
+
+
+@pytest.fixture(scope="session")
+def shared_golden() -> Path:
+    """``../shared/golden`` (official recordings incl. the img1 case); skip when absent."""
+    if not SHARED_GOLDEN.is_dir():
+        pytest.skip(f"shared goldens not found at {SHARED_GOLDEN} (set EFFDET_SHARED_GOLDEN)")
+    return SHARED_GOLDEN
+
+
+def tf_or_skip():
+    """Import TensorFlow or skip the test with the reason."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return pytest.importorskip("tensorflow", reason="TensorFlow is not installed (pip install -e .[tf])")
+
+
+@pytest.fixture(scope="session")
+def synth_ckpt_dir(tmp_path_factory: pytest.TempPathFactory):
+    """``synth_ckpt_dir(variant)`` → a regenerated official-format checkpoint (cached per session)."""
+    from converters.synth import write_synth_checkpoint
+
+    cache: dict[str, Path] = {}
+
+    def make(variant: str) -> Path:
+        if variant not in cache:
+            out = tmp_path_factory.mktemp(variant.replace("efficientdet-", ""))
+            bn = PROJECT_GOLDEN / "bn_stats" / f"{variant}.npz"
+            if not bn.exists():
+                bn = SHARED_GOLDEN / "bn_stats" / f"{variant}.npz"
+            if not bn.exists():
+                pytest.skip(f"no BN side-car for {variant}")
+            write_synth_checkpoint(variant, out, seed=1234, bn_stats_path=bn, golden_dir=PROJECT_GOLDEN,
+                                   progress=False)
+            cache[variant] = out
+        return cache[variant]
+
+    return make
