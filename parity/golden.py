@@ -3,8 +3,14 @@ every recorded tap.
 
 Tolerances (and why):
 - tensors (backbone … box_net, anchors, pre-NMS boxes/scores, preprocessed input):
-  ``|ours - official| <= 1e-4 · (1 + max|official|)`` — fp32 through a deep net accumulates ~1e-4
-  relative (op order, fused kernels; the official graph vs eager mode alone moves logits by 7e-4);
+  ``|ours - official| <= r · (1 + max|official|)`` with ``r = 1e-4`` for image cases and
+  ``r = 3e-4`` for the ``random`` case. fp32 through a deep net accumulates ~1e-4 relative (op
+  order, fused kernels; the official graph vs eager mode alone moves logits by 7e-4). The random
+  case (N(0,1) noise fed as a normalised image) amplifies rounding most: measured against exact
+  (fp64) arithmetic, the OFFICIAL fp32 taps themselves deviate by up to 1.24e-4 relative (d1,
+  box_net/level7) and ours by 0.84e-4, so two correct fp32 implementations may differ by ~2.1e-4
+  there; on images the official deviates by ≤ 7.5e-5 (lite0, relu6) and ≤ 7e-6 (d0, d1). A
+  conversion mistake is 1e4 times larger (raw instead of EMA weights: 8.2 on the class logits);
 - ``pre_nms/classes0``: equal, except where the two classes' OFFICIAL logits differ by less than the
   class-logit tolerance (an argmax near-tie that fp32 noise may flip);
 - detections (inference and COCO-eval paths): matched one to one with the same class and
@@ -38,7 +44,8 @@ from effdet_torch.taps import record_taps
 
 __all__ = ["TapResult", "golden_cases", "match_detections", "run_golden", "write_json"]
 
-REL_TOL = 1e-4
+REL_TOL = 1e-4  # image cases
+RANDOM_REL_TOL = 3e-4  # the N(0,1) 'random' case (see the module docstring for the measurement)
 SCORE_TOL = 1e-5
 IOU_MIN = 0.9999
 
@@ -54,11 +61,16 @@ class TapResult:
     note: str = ""
 
 
+def rel_tol(key: str) -> float:
+    """The relative tolerance of a golden key (its case decides)."""
+    return RANDOM_REL_TOL if key.split("/")[0] == "random" else REL_TOL
+
+
 def _tensor_result(key: str, ref: np.ndarray, ours: np.ndarray, note: str = "") -> TapResult:
     ref = np.asarray(ref, np.float64)
     ours = np.asarray(ours, np.float64)
     scale = float(np.abs(ref).max()) if ref.size else 0.0
-    tol = REL_TOL * (1.0 + scale)
+    tol = rel_tol(key) * (1.0 + scale)
     if ref.shape != ours.shape:
         return TapResult(key, tuple(ref.shape), float("inf"), float("inf"), tol, False,
                          f"shape {tuple(ours.shape)} != official {tuple(ref.shape)}")
@@ -140,7 +152,8 @@ def _compare_detections(prefix: str, npz, ours: dict[str, np.ndarray], ours_n: i
     ref_n = int(npz[f"{prefix}/valid_len"])
     ref = {k: npz[f"{prefix}/{k}"][:ref_n] for k in ("boxes", "scores", "classes")}
     mine = {k: ours[k][:ours_n] for k in ("boxes", "scores", "classes")}
-    box_tol = REL_TOL * (1 + float(np.abs(ref["boxes"]).max())) if ref_n else 0.0
+    r_tol = rel_tol(prefix.split("/", 1)[1])  # the case (random or an image) sets the tolerance
+    box_tol = r_tol * (1 + float(np.abs(ref["boxes"]).max())) if ref_n else 0.0
     m = match_detections(ref, mine, box_tol)
     e2e_ok = not m["bad_ref"] and not m["bad_ours"]
     note = "end-to-end: " + _describe(m)
@@ -162,7 +175,7 @@ def _compare_detections(prefix: str, npz, ours: dict[str, np.ndarray], ours_n: i
         r, o = np.asarray(ref[k], np.float64)[pi], np.asarray(mine[k], np.float64)[pj]
         err = float(np.abs(r - o).max()) if len(pi) else 0.0
         scale = float(np.abs(ref[k]).max()) if ref_n else 0.0
-        t = REL_TOL * (1 + scale) if tol is None else tol
+        t = r_tol * (1 + scale) if tol is None else tol
         out.append(TapResult(key, tuple(npz[key].shape), err, err / scale if scale else err, t,
                              ok and err <= t, note))
     if f"{prefix}/valid_len" in npz:
@@ -178,7 +191,7 @@ def _compare_detections(prefix: str, npz, ours: dict[str, np.ndarray], ours_n: i
                                np.asarray(mine["classes"], np.float64)[:, None]], 1)
         err = float(np.abs(g[pi] - rows[pj]).max()) if len(pi) else 0.0
         scale = float(np.abs(g).max()) if len(g) else 0.0
-        t = REL_TOL * (1 + scale)
+        t = r_tol * (1 + scale)
         out.append(TapResult(gkey, tuple(npz[gkey].shape), err, err / scale if scale else err, t, ok and err <= t, note))
     return out
 
@@ -187,7 +200,7 @@ def _class_tie_result(key: str, ref_cls0: np.ndarray, our_cls0: np.ndarray, ref_
     diff = np.nonzero(ref_cls0.astype(np.int64) != our_cls0.astype(np.int64))[0]
     if ref_logits is None:
         return TapResult(key, ref_cls0.shape, float(len(diff)), 0.0, 0.0, len(diff) == 0, f"{len(diff)} differ")
-    tol = REL_TOL * (1 + float(np.abs(ref_logits).max()))
+    tol = rel_tol(key) * (1 + float(np.abs(ref_logits).max()))
     rows = ref_logits[diff]
     gaps = np.abs(rows[np.arange(len(diff)), ref_cls0[diff].astype(int)] - rows[np.arange(len(diff)), our_cls0[diff].astype(int)])
     ok = bool((gaps <= tol).all())
@@ -273,13 +286,15 @@ def _official_heads(npz, case: str, cfg, device, npz_path: Path) -> tuple[torch.
     """The recorded official class/box outputs of ``case``, flattened like ours (or None).
 
     ``tensors_chelsea.npz`` records eval detections of the random case computed from the heads
-    stored in its sibling ``tensors.npz``; those are used when present.
+    stored in a sibling file (``tensors.npz``); those are used when one is in the same folder.
     """
-    if f"{case}/class_net/level{cfg.min_level}" not in npz:
-        sibling = npz_path.with_name("tensors.npz")
-        if sibling == npz_path or not sibling.exists():
+    key = f"{case}/class_net/level{cfg.min_level}"
+    if key not in npz:
+        siblings = [p for p in sorted(npz_path.parent.glob("*.npz")) if p != npz_path]
+        found = [z for z in map(np.load, siblings) if key in z]
+        if not found:
             return None
-        npz = np.load(sibling)
+        npz = found[0]
     try:
         cls = np.concatenate([npz[f"{case}/class_net/level{l}"].reshape(1, -1, cfg.num_classes) for l in cfg.levels], 1)
         box = np.concatenate([npz[f"{case}/box_net/level{l}"].reshape(1, -1, 4) for l in cfg.levels], 1)
