@@ -2,7 +2,7 @@
 
 Facts (official ``tf2/efficientdet_keras.py`` ResampleFeatureMap / FNode / OpAfterCombine / FPNCells):
 - resampling: 1x1 conv (bias) → BN only when channels differ, THEN max-pool down or nearest up;
-- down: ``MaxPooling2D(stride + 1, stride, 'SAME')`` with ``stride = (H - 1) // target_H + 1``;
+- down: ``MaxPooling2D(stride + 1, stride, 'SAME')`` with ``stride = (n - 1) // target + 1`` per axis;
 - up: TF1 nearest neighbour (``src = floor(dst * in / out)``);
 - node: fuse ('fastattn': ``sum_i x_i * relu(w_i) / (sum_j relu(w_j) + 1e-4)``, or 'sum') → act →
   SeparableConv2D 3x3 (bias) → BN (no act after);
@@ -42,10 +42,9 @@ class ResampleFeatureMap(nn.Module):
             x = self.bn(self.conv(x))
         h, w = x.shape[-2:]
         if h > size[0] or w > size[1]:
-            stride_h, stride_w = (h - 1) // size[0] + 1, (w - 1) // size[1] + 1
-            if stride_h != stride_w:
-                raise ValueError(f"resample {tuple(x.shape[-2:])} -> {size}: unequal strides")
-            x = max_pool2d_same(x, stride_h + 1, stride_h)
+            # per axis: stride = (n - 1) // target + 1, pool size = stride + 1
+            stride = ((h - 1) // size[0] + 1, (w - 1) // size[1] + 1)
+            x = max_pool2d_same(x, (stride[0] + 1, stride[1] + 1), stride)
         elif h < size[0] or w < size[1]:
             x = resize_nearest_tf1(x, size)
         return x

@@ -127,13 +127,18 @@ class MaxPool2dSame(nn.Module):
         return max_pool2d_same(x, self.kernel_size, self.stride)
 
 
-def max_pool2d_same(x: Tensor, kernel: int, stride: int) -> Tensor:
-    """Functional :class:`MaxPool2dSame`. ``[B, C, H, W] → [B, C, ceil(H/s), ceil(W/s)]``."""
-    top, bottom = same_padding(x.shape[-2], kernel, stride)
-    left, right = same_padding(x.shape[-1], kernel, stride)
+def max_pool2d_same(x: Tensor, kernel: int | tuple[int, int], stride: int | tuple[int, int]) -> Tensor:
+    """Functional :class:`MaxPool2dSame` (per-axis kernel/stride allowed).
+
+    ``[B, C, H, W] → [B, C, ceil(H/s_h), ceil(W/s_w)]``.
+    """
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    top, bottom = same_padding(x.shape[-2], kh, sh)
+    left, right = same_padding(x.shape[-1], kw, sw)
     if top or bottom or left or right:
         x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
-    return F.max_pool2d(x, kernel, stride)
+    return F.max_pool2d(x, (kh, kw), (sh, sw))
 
 
 def resize_nearest_tf1(x: Tensor, size: tuple[int, int]) -> Tensor:
