@@ -1,0 +1,238 @@
+"""COCO-format data for the official COCO-eval path: images, category ids, results, scoring.
+
+Official facts followed here (google/automl ``efficientdet/``; see ``golden/README.md``):
+- ``tf2/eval.py`` turns each image's ``[100, 7]`` ``generate_detections`` rows
+  ``[source_id, xmin, ymin, xmax, ymax, score, class]`` into ``[image_id, x, y, w, h, score, class]``
+  (``postprocess.transform_detections``: ``w = xmax - xmin``, ``h = ymax - ymin``, float32), and
+  ``coco_metric.EvaluationMetric`` scores the stacked float32 array with pycocotools:
+  ``coco_gt.loadRes(array)``, ``COCOeval(gt, dt, 'bbox')`` with ``params.imgIds`` = the evaluated
+  image ids, then ``evaluate/accumulate/summarize`` → the 12 ``stats``.
+- For COCO the 1-based class IS the category id (the 90-class label map keeps COCO's id gaps).
+- Images are decoded to uint8 RGB (the official decoder is ``tf.io.decode_image(channels=3)``; PNG
+  decodes identically, JPEG can differ from PIL by a few levels) and EXIF orientation is ignored,
+  as TF does.
+
+A custom dataset (a checkpoint whose class count is not 90, or ``category_map='sorted'``) maps the
+model's 1-based class ``i`` to the ``i``-th category id of the annotation file sorted by id; classes
+beyond the file's categories produce no results.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .preprocess import preprocess_image
+
+__all__ = [
+    "COCO_METRIC_NAMES",
+    "CocoEvalImages",
+    "category_mapping",
+    "coco_results",
+    "evaluate_coco",
+    "format_metrics",
+    "load_annotations",
+    "read_image_rgb",
+    "rows_to_array",
+]
+
+#: The 12 ``COCOeval.stats`` in order (official ``coco_metric.EvaluationMetric.metric_names``).
+COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax1", "ARmax10", "ARmax100", "ARs", "ARm", "ARl")
+COCO_NUM_CLASSES = 90
+
+
+def load_annotations(path: str | os.PathLike) -> dict[str, Any]:
+    """A COCO ``instances_*.json`` (or ``image_info_*.json``) as a dict, checked for ``images``."""
+    with open(path, "r", encoding="utf-8") as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise ValueError(f"{path}: not a COCO annotation file (no 'images' list)")
+    ids = [im["id"] for im in doc["images"]]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: duplicate image ids")
+    return doc
+
+
+def category_mapping(categories: Sequence[dict], num_classes: int, mode: str = "auto") -> np.ndarray:
+    """``int64 [num_classes + 1]``: model class (1-based) → category id, ``-1`` = no category.
+
+    ``mode``: ``'coco'`` — class == category id (the official 90-class COCO label map);
+    ``'sorted'`` — class ``i`` → the ``i``-th category id of the file sorted by id;
+    ``'auto'`` — ``'coco'`` for a 90-class model on a file whose ids all lie in 1..90, otherwise
+    ``'sorted'`` (for contiguous ids ``1..K`` both agree).
+    """
+    ids = sorted(int(c["id"]) for c in categories)
+    if mode == "auto":
+        mode = "coco" if num_classes == COCO_NUM_CLASSES and all(1 <= i <= COCO_NUM_CLASSES for i in ids) else "sorted"
+    table = np.full((num_classes + 1,), -1, np.int64)
+    if mode == "coco":
+        table[1:] = np.arange(1, num_classes + 1)
+    elif mode == "sorted":
+        n = min(num_classes, len(ids))
+        table[1: n + 1] = ids[:n]
+    else:
+        raise ValueError(f"unknown category map {mode!r} (auto, coco, sorted)")
+    return table
+
+
+def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
+    """``[h, w, 3]`` uint8 RGB (grayscale/palette/alpha converted; EXIF orientation ignored as TF does)."""
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
+
+
+@dataclass(frozen=True)
+class _Item:
+    index: int
+    image_id: int
+    path: Path
+
+
+class CocoEvalImages(Dataset):
+    """The images of a COCO file in id order, preprocessed as the official eval input pipeline.
+
+    ``ds[k]`` → ``(k, image_id, x [3, H, W] float32, image_scale float32)``: normalised, resized and
+    zero-padded to ``image_size`` (official ``InputProcessor``; :func:`preprocess_image`). Runs on
+    the CPU, so it can live in DataLoader worker processes.
+    """
+
+    def __init__(self, annotations: dict[str, Any] | str | os.PathLike, images_dir: str | os.PathLike,
+                 image_size: tuple[int, int], mean_rgb, stddev_rgb, max_images: int | None = None) -> None:
+        doc = annotations if isinstance(annotations, dict) else load_annotations(annotations)
+        images = sorted(doc["images"], key=lambda im: im["id"])
+        if max_images is not None:
+            images = images[: max(0, int(max_images))]
+        root = Path(images_dir)
+        self.items = [_Item(k, int(im["id"]), root / im["file_name"]) for k, im in enumerate(images)]
+        missing = [str(it.path) for it in self.items if not it.path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image file(s) listed in the annotations are missing "
+                                    f"under {root}, e.g. {missing[:3]}")
+        self.image_size = tuple(image_size)
+        self.mean_rgb = tuple(float(v) for v in mean_rgb)
+        self.stddev_rgb = tuple(float(v) for v in stddev_rgb)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [it.image_id for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        it = self.items[k]
+        x, scale = preprocess_image(read_image_rgb(it.path), self.image_size, self.mean_rgb, self.stddev_rgb)
+        return it.index, it.image_id, x[0], torch.tensor(float(scale), dtype=torch.float32)
+
+
+def rows_to_array(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """One image's valid detections → official eval rows ``float32 [K, 7]``
+    ``[image_id, x, y, w, h, score, class]`` (``transform_detections`` of ``generate_detections``).
+
+    ``boxes``: ``[K, 4]`` ``(ymin, xmin, ymax, xmax)`` in original-image pixels, as the official
+    eval path leaves them (×image_scale, not clipped).
+    """
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    out = np.empty((len(b), 7), np.float32)
+    out[:, 0] = np.float32(image_id)
+    out[:, 1] = b[:, 1]
+    out[:, 2] = b[:, 0]
+    out[:, 3] = b[:, 3] - b[:, 1]  # float32 subtraction, as tf.stack of float32 tensors
+    out[:, 4] = b[:, 2] - b[:, 0]
+    out[:, 5] = np.asarray(scores, np.float32)
+    out[:, 6] = np.asarray(classes, np.float32)
+    return out
+
+
+def _image_id_column(rows: np.ndarray, image_ids: np.ndarray | None) -> np.ndarray:
+    return image_ids if image_ids is not None else rows[:, 0].astype(np.int64)
+
+
+def coco_results(rows: np.ndarray, cat_map: np.ndarray, image_ids: np.ndarray | None = None) -> list[dict]:
+    """Eval rows ``[N, 7]`` → COCO results ``[{image_id, category_id, bbox, score}]`` (JSON-ready).
+
+    Floats keep the exact float32 values (as doubles); rows whose class maps to no category are
+    dropped. ``image_ids`` (int64 ``[N]``) overrides the float32 id column (ids above 2^24).
+    """
+    rows = np.asarray(rows, np.float32)
+    ids = _image_id_column(rows, image_ids)
+    cls = rows[:, 6].astype(np.int64)
+    ok = (cls >= 1) & (cls < len(cat_map))
+    cats = np.full(len(rows), -1, np.int64)
+    cats[ok] = cat_map[cls[ok]]
+    out = []
+    for i in np.nonzero(cats >= 0)[0]:
+        r = rows[i]
+        out.append({"image_id": int(ids[i]), "category_id": int(cats[i]),
+                    "bbox": [float(r[1]), float(r[2]), float(r[3]), float(r[4])], "score": float(r[5])})
+    return out
+
+
+def evaluate_coco(gt: dict[str, Any] | str | os.PathLike, rows: np.ndarray, cat_map: np.ndarray,
+                  image_ids: Sequence[int], row_image_ids: np.ndarray | None = None,
+                  verbose: bool = True) -> tuple[np.ndarray, str]:
+    """pycocotools bbox evaluation as the official ``coco_metric.EvaluationMetric`` does it.
+
+    ``rows``: eval rows ``[N, 7]`` (class column = the model's 1-based class, mapped with
+    ``cat_map``); ``image_ids``: every evaluated image (``params.imgIds``; an image without
+    detections still counts its ground truth). Returns (``stats [12]``, pycocotools' printed summary).
+    The detection array handed to ``loadRes`` is float32 like the official one (so box areas are
+    float32 products), unless an id does not fit float32 exactly.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    doc = gt if isinstance(gt, dict) else load_annotations(gt)
+    if "annotations" not in doc:
+        raise ValueError("the annotation file has no 'annotations' (an image-info file): nothing to score")
+    rows = np.asarray(rows, np.float32).reshape(-1, 7)
+    ids = _image_id_column(rows, row_image_ids)
+    cls = rows[:, 6].astype(np.int64)
+    ok = (cls >= 1) & (cls < len(cat_map))
+    cats = np.full(len(rows), -1, np.int64)
+    cats[ok] = cat_map[cls[ok]]
+    keep = cats >= 0
+    big = len(ids) and int(np.abs(ids).max()) >= 2 ** 24
+    dets = np.array(rows[keep], np.float64 if big else np.float32)
+    dets[:, 0] = ids[keep]
+    dets[:, 6] = cats[keep]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        coco_gt = COCO()
+        coco_gt.dataset = doc
+        coco_gt.createIndex()
+        if len(dets):
+            coco_dt = coco_gt.loadRes(dets)
+        else:  # loadRes cannot take an empty array: an empty result set scores 0 (or -1 without GT)
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": list(doc["images"]), "annotations": [],
+                               "categories": list(doc.get("categories", []))}
+            coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.params.imgIds = sorted(int(i) for i in image_ids)
+        ev.evaluate()
+        ev.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        ev.summarize()
+    text = summary.getvalue()
+    if verbose:
+        print(text, end="")
+    return np.asarray(ev.stats, np.float64), text
+
+
+def format_metrics(stats: Sequence[float]) -> str:
+    """A compact two-line table of the 12 numbers in percent (as the official README reports AP);
+    ``n/a`` where pycocotools gives -1 (no ground truth in that area range)."""
+    head = " ".join(f"{n:>8}" for n in COCO_METRIC_NAMES)
+    vals = " ".join(f"{100 * float(v):>8.3f}" if float(v) >= 0 else f"{'n/a':>8}" for v in stats)
+    return head + "\n" + vals

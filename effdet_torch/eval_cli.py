@@ -1,0 +1,209 @@
+"""``effdet-eval``: COCO evaluation with the official COCO-eval path, optionally checked against the
+official val2017 AP.
+
+    effdet-eval --variant d0 --weights efficientdet-d0/ --images val2017 \\
+        --annotations annotations/instances_val2017.json --device cuda --out results.json --expect-official
+    torchrun --nproc-per-node 4 -m effdet_torch.eval_cli --variant d0 ...     # sharded over 4 processes
+
+Pipeline (see :mod:`effdet_torch.evaluate`): images decoded and preprocessed as the official input
+pipeline in DataLoader workers → batched network → top-5000 (anchor, class) pairs → per-class
+Gaussian soft-NMS → top 100 per image, boxes × image_scale (unclipped) → COCO results → pycocotools
+(the official ``coco_metric``'s calls). Prints pycocotools' 12-line summary and a compact table.
+
+Exit status: 0 ok; 1 ``--expect-official`` failed (``|ΔAP| > 0.1``); 2 usage errors, including
+``--expect-official`` on anything but the full val2017 set at the variant's own image size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["OFFICIAL_VAL_AP", "OFFICIAL_AP_TOLERANCE", "check_official", "main"]
+
+#: Official COCO AP per variant, in percent.
+#: d0-d7x: the "AP^val" column (COCO val2017) of the checkpoint table in google/automl
+#: efficientdet/README.md, section "2. Pretrained EfficientDet Checkpoints", at commit
+#: 6a54c8741e7c3265d4547c4f35f47a0391122dc5 (the commit the goldens were recorded from).
+#: lite0-lite4: the "mAP (float)" column of the lite table right below it in the same README
+#: ("We have also provided a list of mobile-size lite models"); that table does not name the split,
+#: the official eval (tf2/eval.py) is the val2017 evaluation used here.
+OFFICIAL_VAL_AP: dict[str, float] = {
+    "efficientdet-d0": 34.3,
+    "efficientdet-d1": 40.2,
+    "efficientdet-d2": 43.5,
+    "efficientdet-d3": 46.8,
+    "efficientdet-d4": 49.3,
+    "efficientdet-d5": 51.2,
+    "efficientdet-d6": 52.1,
+    "efficientdet-d7": 53.4,
+    "efficientdet-d7x": 54.4,
+    "efficientdet-lite0": 26.41,
+    "efficientdet-lite1": 31.50,
+    "efficientdet-lite2": 35.06,
+    "efficientdet-lite3": 38.77,
+    "efficientdet-lite3x": 42.64,
+    "efficientdet-lite4": 43.18,
+}
+OFFICIAL_AP_TOLERANCE = 0.1  # percent points
+VAL2017_NUM_IMAGES = 5000
+
+
+def check_official(variant: str, ap: float, tolerance: float = OFFICIAL_AP_TOLERANCE) -> tuple[bool, str]:
+    """``ap`` (a fraction, as pycocotools' ``stats[0]``) vs the official val2017 AP of ``variant``."""
+    from .config import resolve_variant_name
+
+    name = resolve_variant_name(variant)
+    ref = OFFICIAL_VAL_AP[name]
+    ours = 100.0 * float(ap)
+    delta = ours - ref
+    ok = abs(delta) <= tolerance + 1e-9
+    msg = (f"official check: AP {ours:.2f} vs official {name} val2017 AP {ref:.2f}: ΔAP {delta:+.2f} "
+           f"({'within' if ok else 'OUTSIDE'} ±{tolerance})")
+    return ok, msg
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="effdet-eval",
+        description="COCO evaluation of an EfficientDet with the official COCO-eval path "
+                    "(top-5000 pairs, per-class Gaussian soft-NMS, top 100 per image).")
+    p.add_argument("--variant", required=True, help="d0..d7x, lite0..lite4, lite3x (or efficientdet-NAME)")
+    p.add_argument("--weights", required=True,
+                   help="converted .pth/.safetensors, or an official checkpoint (TF1 dir/prefix/tarball, Keras .h5)")
+    p.add_argument("--images", required=True, help="folder the annotation file's file_name entries are in")
+    p.add_argument("--annotations", required=True, help="COCO instances_*.json")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-images", type=int, default=None, help="only the first N images (by id)")
+    p.add_argument("--image-size", default=None, help="network input size: N or the official 'WxH' (default: the variant's)")
+    p.add_argument("--out", default=None, help="write the COCO-format detections (results JSON) here")
+    p.add_argument("--metrics-out", default=None, help="write the 12 numbers and the run's facts as JSON here")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes for decoding/preprocessing (0: in the main process)")
+    p.add_argument("--post-workers", default="auto",
+                   help="processes for the soft-NMS (0: in the main process; auto: a pool from 32 images on)")
+    p.add_argument("--category-map", choices=("auto", "coco", "sorted"), default="auto",
+                   help="class→category id: coco = identity (official 90-class ids), sorted = i-th category "
+                        "of the annotation file by id; auto = coco for 90-class models on ids within 1..90")
+    p.add_argument("--expect-official", action="store_true",
+                   help=f"fail unless |AP - official val2017 AP| <= {OFFICIAL_AP_TOLERANCE} (full val2017 only)")
+    p.add_argument("--allow-tf32", action="store_true",
+                   help="let CUDA use TF32 matmul/conv (faster, not fp32: off by default for parity)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+
+    from .coco import CocoEvalImages, category_mapping, coco_results, evaluate_coco, format_metrics, load_annotations
+    from .config import get_config, resolve_variant_name
+    from .evaluate import broadcast_from_rank0, init_distributed, run_eval
+    from .model import create_model
+
+    def fail(msg: str, code: int = 2) -> int:
+        print(f"effdet-eval: error: {msg}", file=sys.stderr)
+        return code
+
+    try:
+        variant = resolve_variant_name(args.variant)
+    except ValueError as e:
+        return fail(str(e))
+    if args.batch_size < 1:
+        return fail("--batch-size must be >= 1")
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return fail("--device cuda but CUDA is not available")
+    dist = init_distributed(device)
+    if device == "cuda":
+        device = f"cuda:{dist.local_rank}" if dist.enabled else "cuda"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    main_rank = dist.is_main
+
+    def log(msg: str) -> None:
+        if main_rank:
+            print(msg, flush=True)
+
+    try:
+        doc = load_annotations(args.annotations)
+        model = create_model(variant, checkpoint=args.weights, image_size=args.image_size)
+    except (OSError, ValueError, KeyError) as e:
+        return fail(str(e))
+    cfg = model.config
+    default_size = get_config(variant).image_size
+    n_total = len(doc["images"])
+    n_eval = n_total if args.max_images is None else min(n_total, max(0, args.max_images))
+    if args.expect_official:
+        why = []
+        if n_eval != VAL2017_NUM_IMAGES or n_total != VAL2017_NUM_IMAGES:
+            why.append(f"the official AP is for the full val2017 set ({VAL2017_NUM_IMAGES} images); "
+                       f"this run evaluates {n_eval} of {n_total}")
+        if tuple(cfg.image_size) != tuple(default_size):
+            why.append(f"the official AP is at {variant}'s image size {default_size}, not {cfg.image_size}")
+        if cfg.num_classes != 90:
+            why.append(f"the official AP is for the 90-class COCO checkpoint, not {cfg.num_classes} classes")
+        if why:
+            return fail("--expect-official: " + "; ".join(why))
+    cat_map = category_mapping(doc.get("categories", []), cfg.num_classes, args.category_map)
+    try:
+        ds = CocoEvalImages(doc, args.images, cfg.image_size, cfg.mean_rgb, cfg.stddev_rgb, args.max_images)
+    except FileNotFoundError as e:
+        return fail(str(e))
+    log(f"effdet-eval: {variant} at {cfg.image_size[1]}x{cfg.image_size[0]} (WxH), {cfg.num_classes} classes, "
+        f"{len(ds)} images, device {device}, batch {args.batch_size}"
+        + (f", {dist.world_size} processes" if dist.enabled else ""))
+    t0 = time.perf_counter()
+    out = run_eval(model, ds, device=device, batch_size=args.batch_size, num_workers=args.workers,
+                   post_workers=args.post_workers, progress=not args.no_progress, dist=dist)
+    code = 0
+    if main_rank:
+        wall = time.perf_counter() - t0
+        log(f"evaluated {len(out.image_ids)} images in {wall:.1f} s ({len(out.image_ids) / max(wall, 1e-9):.2f} images/s)")
+        if args.out:
+            res = coco_results(out.rows, cat_map, out.row_image_ids)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(str(args.out) + ".tmp")
+            tmp.write_text(json.dumps(res))
+            os.replace(tmp, args.out)
+            log(f"wrote {len(res)} detections to {args.out}")
+        stats = None
+        if "annotations" in doc:
+            stats, _ = evaluate_coco(doc, out.rows, cat_map, out.image_ids, out.row_image_ids, verbose=True)
+            log(format_metrics(stats))
+        else:
+            log("the annotation file has no 'annotations': detections written, nothing scored")
+        if args.expect_official:
+            ok, msg = check_official(variant, stats[0] if stats is not None else float("nan"))
+            log(msg)
+            code = 0 if ok else 1
+        if args.metrics_out:
+            facts = {
+                "variant": variant, "image_size": list(cfg.image_size), "images": len(out.image_ids),
+                "detections": int(len(out.rows)), "device": str(device), "world_size": dist.world_size,
+                "batch_size": args.batch_size, "seconds": wall,
+                "metrics": None if stats is None else dict(zip(
+                    ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax1", "ARmax10", "ARmax100", "ARs", "ARm", "ARl"),
+                    [float(v) for v in stats])),
+            }
+            Path(args.metrics_out).write_text(json.dumps(facts, indent=1))
+    code = broadcast_from_rank0(code) if dist.enabled else code
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    return int(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
