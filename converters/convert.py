@@ -170,7 +170,10 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, for
 
         _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     else:
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        def write_pth(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object keeps the archive's root name fixed ("archive"),
+                torch.save(state, f)    # so the same weights always give the same sha256
+        _atomic_write(path, write_pth)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
