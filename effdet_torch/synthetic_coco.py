@@ -149,13 +149,15 @@ _PSEUDO_RANKS = (0, 1, 3, 6, 10, 15, 24, 40, 60)
 _PSEUDO_SHIFTS = (0.0, 0.02, 0.05, 0.08, 0.12, 0.0, 0.15, 0.03, 0.2)
 
 
-def annotations_from_detections(doc: dict, per_image_rows: dict[int, np.ndarray], cat_map: np.ndarray) -> dict:
+def annotations_from_detections(doc: dict, per_image_rows: dict[int, np.ndarray], cat_map: np.ndarray,
+                                clip: bool = True) -> dict:
     """A copy of ``doc`` whose annotations are derived from detections (a "pseudo ground truth").
 
     With synthetic weights the real annotations give AP ≈ 0, which would not notice a changed
     score or box; this makes AP sensitive to both. Per image, the detections at ranks
     ``0, 1, 3, 6, 10, ...`` (rows ``[id, x, y, w, h, score, class]`` best first) are clipped to the
-    image, shifted by ``0..20 %`` of their size and kept as ground truth of the class's category.
+    image (unless ``clip`` is False), shifted by ``0..20 %`` of their size and kept as ground truth
+    of the class's category.
     Deterministic in its inputs.
     """
     sizes = {int(im["id"]): (float(im["width"]), float(im["height"])) for im in doc["images"]}
@@ -164,14 +166,15 @@ def annotations_from_detections(doc: dict, per_image_rows: dict[int, np.ndarray]
         rows = np.asarray(per_image_rows[image_id], np.float64)
         if image_id not in sizes or not len(rows):
             continue
-        w_img, h_img = sizes[image_id]
+        w_img, h_img = sizes[image_id] if clip else (np.inf, np.inf)
+        lo = 0.0 if clip else -np.inf
         order = np.argsort(-rows[:, 5], kind="stable")
         for rank, shift in zip(_PSEUDO_RANKS, _PSEUDO_SHIFTS):
             if rank >= len(order):
                 break
             _, x, y, w, h, _, cls = rows[order[rank]]
-            x0, y0 = min(max(x, 0.0), w_img), min(max(y, 0.0), h_img)
-            x1, y1 = min(max(x + w, 0.0), w_img), min(max(y + h, 0.0), h_img)
+            x0, y0 = min(max(x, lo), w_img), min(max(y, lo), h_img)
+            x1, y1 = min(max(x + w, lo), w_img), min(max(y + h, lo), h_img)
             bw, bh = x1 - x0, y1 - y0
             cat = int(cat_map[int(cls)]) if 0 < int(cls) < len(cat_map) else -1
             if bw < 1 or bh < 1 or cat < 0:
