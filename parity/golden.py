@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -209,9 +210,29 @@ def _class_tie_result(key: str, ref_cls0: np.ndarray, our_cls0: np.ndarray, ref_
                      else f"{int((gaps > tol).sum())} class differences that are not near-ties")
 
 
+@contextmanager
+def strict_fp32():
+    """Disable TF32 for CUDA convs/matmuls while comparing (TF32 alone moves taps by ~1e-3)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def run_golden(model: EfficientDet, npz_path: str | os.PathLike, image_size: tuple[int, int] | None = None,
                seed: int = 1234, device: str | torch.device = "cpu") -> list[TapResult]:
-    """Compare every tap of every case in ``npz_path``; see the module docstring for tolerances."""
+    """Compare every tap of every case in ``npz_path``; see the module docstring for tolerances.
+
+    On CUDA the comparison runs in strict fp32 (no TF32), like the CPU recordings.
+    """
+    with strict_fp32():
+        return _run_golden(model, npz_path, image_size, seed, device)
+
+
+def _run_golden(model: EfficientDet, npz_path: str | os.PathLike, image_size: tuple[int, int] | None,
+                seed: int, device: str | torch.device) -> list[TapResult]:
     npz = np.load(npz_path)
     keys = list(npz.keys())
     model = model.to(device).eval()
