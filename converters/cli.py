@@ -23,11 +23,27 @@ examples:
   convert-ckpt lite0 --ckpt efficientdet-lite0/ --format safetensors
   convert-ckpt d0 --ckpt model.h5 --force    # overwrite an existing output
   convert-ckpt --print-map d3                # the TF-name -> torch-key table
+  convert-ckpt d0 --download                 # fetch the official release file here, then convert
+  convert-ckpt d0 --verify                   # then compare with a recorded golden for these weights
 
 The EMA shadows (<name>/ExponentialMovingAverage) are taken, as the official loader does;
 --no-ema takes the raw variables. Optimizer slots (/Momentum) and global_step are ignored.
 Anything missing, unexpected, of the wrong shape or not finite stops the conversion with the
 variables named, and nothing is written. TensorFlow is not needed.
+
+--download fetches the release tarball into the working directory (resuming <file>.part after an
+interruption), prints its sha256 and stores it in <file>.sha256. EFFDET_RELEASE_BASE_URL=URL
+fetches <URL>/<file name> instead of the official location (a mirror).
+
+--verify runs the golden parity check (effdet-parity golden) on the written file with every
+recorded golden of the variant (./golden/<variant>/*.npz, this project's golden/<variant>/, or
+--golden FILE). A golden is recorded with particular weights: where a model.values_sha256.json
+lies beside it, the converted weights are checked against it first, and a golden recorded with
+other weights (the bundled ones use the synthetic seed-1234 weights) is reported as not
+applicable instead of run. No applicable golden is not an error.
+
+exit status: 0 done, 1 conversion/download error, 2 usage error, 3 --verify failed (the
+converted file is kept).
 """
 
 
@@ -40,6 +56,113 @@ def find_release_file(variant: str, where: Path) -> Path | None:
         if p.exists():
             return p
     return None
+
+
+#: the project's recorded goldens (present in a source checkout / editable install)
+REPO_GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+WEIGHTS_SHA_NAME = "model.values_sha256.json"
+
+
+def find_goldens(variant: str, explicit: Path | None = None) -> list[Path]:
+    """``--golden FILE``, else ``./golden/<variant>/*.npz``, else the project's ``golden/<variant>/*.npz``."""
+    if explicit is not None:
+        return [explicit]
+    for root in (Path.cwd() / "golden", REPO_GOLDEN):
+        found = sorted((root / variant).glob("*.npz"))
+        if found:
+            return found
+    return []
+
+
+def _weights_sha_for(npz: Path) -> Path | None:
+    """The ``model.values_sha256.json`` of the weights a golden was recorded with, if it lies beside it."""
+    for cand in (npz.parent / WEIGHTS_SHA_NAME, npz.parent / "ckpt" / WEIGHTS_SHA_NAME):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def weights_mismatch(state: dict, variant: str, sha_json: Path) -> str | None:
+    """None when ``state`` holds exactly the weights of ``sha_json`` (EMA values, as the goldens were
+    recorded); otherwise why not, in a few words."""
+    import json
+
+    from .name_map import name_map_for
+    from .synth import sha256_of
+
+    doc = json.loads(sha_json.read_text())
+    if doc.get("variant") not in (None, variant):
+        return f"it was recorded for {doc['variant']}"
+    values = doc.get("values", {})
+    entries = name_map_for(variant, num_classes=None)
+    n_ema = n_raw = 0
+    for e in entries:
+        if e.torch_key not in state:
+            return f"the converted model has no {e.torch_key}"
+        ours = sha256_of(e.layout.to_tf(state[e.torch_key].numpy()))
+        ema = values.get(e.tf_name + "/ExponentialMovingAverage", values.get(e.tf_name, {})).get("sha256")
+        raw = values.get(e.tf_name, {}).get("sha256")
+        n_ema += ours == ema
+        n_raw += ours == raw
+    if n_ema == len(entries):
+        return None
+    if n_raw == len(entries):
+        return "these are the raw weights (--no-ema); the golden was recorded with the EMA shadows"
+    rule = doc.get("rule_version")
+    made = f" ({rule} synthetic weights, seed {doc.get('seed')})" if rule else ""
+    return f"{len(entries) - n_ema} of {len(entries)} weights differ from those it was recorded with{made}"
+
+
+def verify_output(out: Path, variant: str, state: dict, golden: Path | None) -> int:
+    """``--verify``: the golden parity check on the written file. 0 passed or nothing to verify with,
+    3 failed (or an explicit ``--golden`` recorded with other weights)."""
+    goldens = find_goldens(variant, golden)
+    if not goldens:
+        print(f"verify      no golden recorded for {variant} (looked in ./golden/{variant}/ and "
+              f"{REPO_GOLDEN / variant}/; pass --golden FILE): not verified")
+        return 0
+    from effdet_torch.model import create_model
+    from parity.golden import run_golden
+
+    model = None
+    ran = failed = 0
+    for npz in goldens:
+        sha = _weights_sha_for(npz)
+        why = weights_mismatch(state, variant, sha) if sha is not None else None
+        if why is not None:
+            line = f"verify      {npz}: not applicable, {why}"
+            if golden is not None:
+                print(line + "; cannot verify with it", file=sys.stderr)
+                return 3
+            print(line)
+            continue
+        if model is None:
+            model = create_model(variant, checkpoint=out)  # the file as written, not the in-memory dict
+        try:
+            results = run_golden(model, npz)
+        except (KeyError, ValueError, OSError) as e:
+            print(f"verify      {npz}: cannot run the golden check ({type(e).__name__}: {e})", file=sys.stderr)
+            return 3
+        n_fail = sum(not r.passed for r in results)
+        worst = max((r.max_rel_err for r in results if r.max_rel_err == r.max_rel_err and r.max_rel_err != float("inf")),
+                    default=0.0)
+        verdict = "PASS" if n_fail == 0 and results else "FAIL"
+        print(f"verify      {npz}: {verdict}, {len(results)} taps compared, {len(results) - n_fail} passed, "
+              f"{n_fail} failed (worst relative error {worst:.1e})")
+        if verdict == "FAIL":
+            bad = [r for r in results if not r.passed][:3]
+            for r in bad:
+                print(f"  {r.key}: max abs err {r.max_abs_err:.3e} > tolerance {r.tolerance:.3e} {r.note}".rstrip(),
+                      file=sys.stderr)
+            failed += 1
+        ran += 1
+    if failed:
+        print(f"convert-ckpt: --verify failed on {failed} golden file(s); {out} was written but does not "
+              f"reproduce the recorded official outputs", file=sys.stderr)
+        return 3
+    if not ran:
+        print(f"verify      no golden recorded with these weights for {variant}: not verified")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--print-map", action="store_true", help="print the TF-name -> torch-key map and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--download", action="store_true",
+                   help="download the official release file into the working directory first (resumable; "
+                        "its sha256 goes to <file>.sha256); EFFDET_RELEASE_BASE_URL overrides the base URL")
+    p.add_argument("--verify", action="store_true",
+                   help="after writing, run the golden parity check when a golden for these weights is available")
+    p.add_argument("--golden", type=Path, metavar="FILE",
+                   help="golden .npz for --verify (default: ./golden/<variant>/*.npz, then the project's golden/)")
     return p
 
 
@@ -74,15 +204,41 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_map(name_map_for(variant)))
         return 0
-    ckpt = args.ckpt or find_release_file(variant, Path.cwd())
+    if args.download and args.ckpt is not None:
+        print("convert-ckpt: --download fetches the release file into the working directory; "
+              "it cannot be combined with --ckpt", file=sys.stderr)
+        return 2
+    if args.golden is not None and not args.verify:
+        args.verify = True  # --golden FILE implies --verify
+    if args.golden is not None and not args.golden.is_file():
+        print(f"convert-ckpt: --golden {args.golden}: no such file", file=sys.stderr)
+        return 2
+    fmt = args.format or ("safetensors" if args.output and args.output.suffix == ".safetensors" else "pth")
+    out = args.output or Path(f"{variant}.{fmt}")
+    progress = not args.quiet and sys.stderr.isatty()
+    if args.download:
+        if out.exists() and not args.force:  # refuse before fetching hundreds of MB
+            print(f"convert-ckpt: {out} already exists; pass --force to overwrite", file=sys.stderr)
+            return 2
+        from .download import DownloadError, download, release_url
+
+        url = release_url(variant, RELEASE_URLS[variant])
+        ckpt = Path.cwd() / url.rsplit("/", 1)[-1]
+        print(f"download    {url}")
+        try:
+            digest = download(url, ckpt, progress=progress)
+        except DownloadError as e:
+            print(f"convert-ckpt: {e}", file=sys.stderr)
+            return 1
+        print(f"download    {ckpt.name} sha256 {digest} (stored in {ckpt.name}.sha256)")
+    else:
+        ckpt = args.ckpt or find_release_file(variant, Path.cwd())
     if ckpt is None:
         tried = ", ".join(str(p.name) + ("/" if i == 0 else "") for i, p in enumerate(_candidates(variant, Path.cwd())))
         print(f"convert-ckpt: no checkpoint for {variant} in {Path.cwd()} (looked for {tried}).\n"
               f"  Download the official release file:\n    {RELEASE_URLS[variant]}\n"
-              f"  then run this again in its folder, or pass --ckpt PATH.", file=sys.stderr)
+              f"  then run this again in its folder, or pass --ckpt PATH (or use --download).", file=sys.stderr)
         return 2
-    fmt = args.format or ("safetensors" if args.output and args.output.suffix == ".safetensors" else "pth")
-    out = args.output or Path(f"{variant}.{fmt}")
     if out.exists() and not args.force:
         print(f"convert-ckpt: {out} already exists; pass --force to overwrite", file=sys.stderr)
         return 2
@@ -90,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     from .sources import CheckpointError
 
     try:
-        res = convert_checkpoint(ckpt, variant, ema=not args.no_ema, progress=not args.quiet and sys.stderr.isatty())
+        res = convert_checkpoint(ckpt, variant, ema=not args.no_ema, progress=progress)
         meta = {"variant": variant, "source": str(ckpt), "ema": str(res.ema)}
         digest = save_state_dict(res.state_dict, out, force=args.force,
                                  metadata=meta if fmt == "safetensors" else None)
@@ -105,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
           f"parameters  {res.num_params:,}\n"
           f"output      {out}\n"
           f"sha256      {digest}")
+    if args.verify:
+        return verify_output(out, variant, res.state_dict, args.golden)
     return 0
 
 
