@@ -1,0 +1,369 @@
+"""Tap-by-tap comparison of our model with a reference run (the live official model, a recorded
+golden, or another run of ours), in the key scheme of ``shared/golden/README.md``.
+
+A *run* is a flat ``{key: numpy array}`` mapping: NHWC tensors ``<case>/backbone/block{i}``,
+``<case>/fpn/cell{i}/fnode{j}``, ``<case>/class_net/repeat{r}/level{l}``, the golden keys
+(``<case>/backbone/level{l}`` … ``<case>/box_net/level{l}``, ``<case>/pre_nms/*``,
+``detections/<case>/*``, ``eval_detections/<case>/*``, ``anchors``) and the inputs (``input/random``,
+``input/<img>_raw_uint8``, ``input/<img>_preprocessed``, ``<img>/image_scale``).
+
+Tolerances (the same as ``parity/golden.py``, which defines them for the golden check):
+- every tensor: ``max|ours - ref| <= 1e-4 · (1 + max|ref|)``. fp32 through a deep network
+  accumulates ~1e-4 relative error from operation order and fused kernels alone: the official model
+  run as a ``tf.function`` graph instead of eagerly moves its own logits by up to 7e-4, and TF's fp32
+  differs from exact (fp64) arithmetic by up to 1.9e-4 relative on d1's box outputs. The ``1 +``
+  keeps the bound meaningful for taps whose values are all near zero.
+- ``pre_nms/classes0``: equal except argmax near-ties (official logit gap within the class-logit
+  tolerance);
+- detections: matched one to one (same class, ``|Δscore| <= 1e-5``, IoU ≥ 0.9999) by
+  :func:`parity.golden.match_detections`; our post-processing fed the official heads decides the
+  verdict, end to end is reported beside it.
+
+Reported per tap: shape, max abs error, max relative error (= max abs error / max|ref|), cosine
+similarity (flattened, float64), the tolerance and pass/fail. The first failing tap in execution
+order is the first divergence; the report names the module (ours) and the layer (official) behind it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from effdet_torch.detector import Detector
+from effdet_torch.model import EfficientDet
+from effdet_torch.postprocess import flatten_outputs, postprocess_global, postprocess_per_class, pre_nms_global
+from effdet_torch.preprocess import preprocess_image
+from effdet_torch.taps import record_taps, tap_modules
+
+from .golden import REL_TOL, _class_tie_result, _compare_detections, golden_cases
+
+NOISE_FACTOR = 3.0
+
+__all__ = ["NOISE_FACTOR", "TapStat", "compare_runs", "first_divergence", "official_layer_guess", "run_ours", "tap_family",
+           "tensor_stat"]
+
+
+@dataclass
+class TapStat:
+    name: str
+    shape: tuple[int, ...]
+    max_abs_err: float
+    max_rel_err: float  # max_abs_err / max|ref|
+    cosine: float | None  # None where it means nothing (counts, matched detections)
+    tolerance: float
+    passed: bool
+    note: str = ""
+    family: str = ""
+    module: str = ""  # ours: qualified module / function name
+    official: str = ""  # official layer path / function
+    noise: float | None = None  # our fp32-vs-fp64 difference at this tap (when measured)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["verdict"] = "pass" if self.passed else "FAIL"
+        for k in ("max_abs_err", "max_rel_err", "tolerance", "cosine", "noise"):
+            v = d[k]
+            if v is not None and not np.isfinite(v):
+                d[k] = None
+        return d
+
+
+_INDEXED = re.compile(r"(block|cell|fnode|repeat|level)\d+")
+
+
+def _split_case(key: str) -> tuple[str | None, str]:
+    """``'random/fpn/cell0/level3'`` → ``('random', 'fpn/cell0/level3')``;
+    ``'detections/chelsea/boxes'`` → ``('chelsea', 'detections/boxes')``."""
+    parts = key.split("/")
+    if parts[0] in ("detections", "eval_detections") and len(parts) >= 3:
+        return parts[1], "/".join([parts[0]] + parts[2:])
+    if parts[0] == "input" and len(parts) == 2:
+        m = re.fullmatch(r"(.+)_(preprocessed|raw_uint8)", parts[1])
+        if m:
+            return m.group(1), f"input/{m.group(2)}"
+        return parts[1], "input"
+    if parts[0] == "anchors":
+        return None, key
+    return parts[0], "/".join(parts[1:])
+
+
+def tap_family(key: str) -> str:
+    """The family of a tap key, e.g. ``'random/fpn/cell1/fnode3'`` → ``'fpn/cell*/fnode*'``."""
+    return _INDEXED.sub(r"\1*", _split_case(key)[1])
+
+
+_FUNCTIONS = {
+    "pre_nms": ("effdet_torch.postprocess.pre_nms_global", "tf2/postprocess.py pre_nms"),
+    "detections": ("effdet_torch.postprocess.postprocess_global", "tf2/postprocess.py postprocess_global"),
+    "eval_detections": ("effdet_torch.postprocess.postprocess_per_class",
+                        "tf2/postprocess.py postprocess_per_class / generate_detections"),
+    "anchors": ("effdet_torch.anchors.generate_anchors", "tf2/anchors.py Anchors"),
+    "input": ("effdet_torch.preprocess.preprocess_image", "EfficientDetModel._preprocessing (dataloader.py)"),
+    "image_scale": ("effdet_torch.preprocess.preprocess_image", "DetectionInputProcessor.image_scale_to_original"),
+}
+
+
+def official_layer_guess(tap: str, backbone_name: str) -> str:
+    """The official Keras layer behind a (case-less) tap name, by the official naming scheme."""
+    m = re.fullmatch(r"backbone/block(\d+)", tap)
+    if m:
+        return f"{backbone_name}/blocks_{m.group(1)}"
+    if tap == "backbone/stem":
+        return f"{backbone_name}/stem"
+    m = re.fullmatch(r"backbone/level(\d+)", tap)
+    if m:
+        return f"{backbone_name} reduction_{m.group(1)}"
+    m = re.fullmatch(r"resample/level(\d+)", tap)
+    if m:
+        return f"resample_p{m.group(1)}"
+    m = re.fullmatch(r"fpn/cell(\d+)/fnode(\d+)", tap)
+    if m:
+        return f"fpn_cells/cell_{m.group(1)}/fnode{m.group(2)}"
+    m = re.fullmatch(r"fpn/cell(\d+)/level(\d+)", tap)
+    if m:
+        return f"fpn_cells/cell_{m.group(1)} → level {m.group(2)}"
+    m = re.fullmatch(r"(class|box)_net/repeat(\d+)/level(\d+)", tap)
+    if m:
+        k, r, lvl = m.groups()
+        return f"{k}_net/{k}-{r} + {k}-{r}-bn-{lvl}"
+    m = re.fullmatch(r"(class|box)_net/level(\d+)", tap)
+    if m:
+        return f"{m.group(1)}_net/{m.group(1)}-predict"
+    head = tap.split("/")[0]
+    return _FUNCTIONS.get(head, ("", ""))[1]
+
+
+def tensor_stat(name: str, ref: np.ndarray, ours: np.ndarray, note: str = "") -> TapStat:
+    """Max abs / relative error, cosine similarity and the ``1e-4 · (1 + max|ref|)`` verdict.
+
+    Non-finite reference values (e.g. ``exp`` overflowing to ``inf`` in box decoding of a random
+    input) must be matched exactly by ours; the statistics cover the finite elements.
+    """
+    ref = np.asarray(ref, np.float64)
+    ours = np.asarray(ours, np.float64)
+    if ref.shape != ours.shape:
+        return TapStat(name, tuple(ref.shape), float("inf"), float("inf"), None, float("nan"), False,
+                       f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}")
+    bad = ~np.isfinite(ref) | ~np.isfinite(ours)
+    n_bad = int(bad.sum())
+    r, o = (ref[~bad], ours[~bad]) if n_bad else (ref.ravel(), ours.ravel())
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    tol = REL_TOL * (1.0 + scale)
+    if n_bad:
+        same = np.array_equal(ref[bad], ours[bad], equal_nan=True)
+        if not same:
+            return TapStat(name, tuple(ref.shape), float("inf"), float("inf"), None, tol, False,
+                           f"non-finite values differ: {int((~np.isfinite(ours)).sum())} in ours, "
+                           f"{int((~np.isfinite(ref)).sum())} in the reference, not at the same places")
+        note = (note + "; " if note else "") + f"{n_bad} non-finite values, equal on both sides"
+    err = float(np.abs(r - o).max()) if r.size else 0.0
+    na, nb = float(np.linalg.norm(r)), float(np.linalg.norm(o))
+    cos = float(r @ o / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+    return TapStat(name, tuple(ref.shape), err, err / scale if scale else err, cos, tol, err <= tol, note)
+
+
+def _hw_of(ref: Mapping[str, np.ndarray], model: EfficientDet) -> tuple[int, int]:
+    for k in ref:
+        if k == "input/random" or k.endswith("_preprocessed"):
+            return tuple(int(v) for v in ref[k].shape[1:3])
+    return tuple(model.config.image_size)
+
+
+def _forward(model: EfficientDet, x: torch.Tensor, case: str, detailed: bool, anchors: torch.Tensor,
+             out: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network taps and pre-NMS tensors of one case into ``out``; returns flattened heads."""
+    cfg = model.config
+    with torch.no_grad(), record_taps(model, detailed=detailed) as taps:
+        cls_out, box_out = model(x)
+    for name, t in taps.items():
+        out[f"{case}/{name}"] = t.permute(0, 2, 3, 1).cpu().numpy()
+    cls, box = flatten_outputs(cls_out, box_out, cfg.num_classes)
+    boxes, scores, classes0 = pre_nms_global(cls, box, anchors.to(cls.dtype))
+    out[f"{case}/pre_nms/boxes"] = boxes[0].cpu().numpy()
+    out[f"{case}/pre_nms/scores"] = scores[0].cpu().numpy()
+    out[f"{case}/pre_nms/classes0"] = classes0[0].cpu().numpy().astype(np.float32)
+    return cls, box
+
+
+def run_ours(model: EfficientDet, ref: Mapping[str, np.ndarray], image_size: tuple[int, int] | None = None,
+             device: str | torch.device = "cpu", detailed: bool = True, seed: int = 1234,
+             heads_ref: Mapping[str, np.ndarray] | None = None,
+             noise: bool = False) -> tuple[dict[str, np.ndarray], dict[str, tuple], dict[str, float]]:
+    """Run our model on the inputs of ``ref`` (``input/random`` or ``input/<img>_raw_uint8``).
+
+    Returns our run in the same key scheme; per case the flattened OFFICIAL heads of ``ref`` (or of
+    ``heads_ref`` when ``ref`` lacks them) for the post-processing-only check; and, with ``noise``,
+    the fp32 noise floor of every network tap: ``max|ours_fp32 - ours_fp64|`` from a float64 copy
+    of the model on the same input (it measures rounding alone, so a wrong layer cannot inflate it).
+    """
+    model = model.to(device).eval()
+    cfg = model.config
+    hw = tuple(image_size) if image_size else _hw_of(ref, model)
+    det = Detector(model, hw)
+    anchors = det.anchors(hw)
+    ours: dict[str, np.ndarray] = {"anchors": anchors.cpu().numpy()}
+    official_heads: dict[str, tuple] = {}
+    noise_floor: dict[str, float] = {}
+    model64 = None
+    if noise:
+        import copy
+
+        model64 = copy.deepcopy(model).double()
+        anchors64 = torch.from_numpy(ours["anchors"]).double().to(device)
+    for case in golden_cases(list(ref.keys())):
+        if case == "random":
+            x_nhwc = ref["input/random"] if "input/random" in ref else \
+                np.random.default_rng(seed).standard_normal((1, hw[0], hw[1], 3)).astype(np.float32)
+            x = torch.from_numpy(np.ascontiguousarray(x_nhwc)).permute(0, 3, 1, 2).contiguous().to(device)
+            scale, eval_scale = None, 1.0
+        else:
+            x, s = preprocess_image(ref[f"input/{case}_raw_uint8"], hw, cfg.mean_rgb, cfg.stddev_rgb, device)
+            scale = eval_scale = float(s)
+            ours[f"input/{case}_preprocessed"] = x.permute(0, 2, 3, 1).cpu().numpy()
+            ours[f"{case}/image_scale"] = np.array([s], np.float32)
+        cls, box = _forward(model, x, case, detailed, anchors, ours)
+        if model64 is not None:
+            exact: dict[str, np.ndarray] = {}
+            _forward(model64, x.double(), case, detailed, anchors64, exact)
+            for k, v in exact.items():
+                if not k.endswith("classes0") and v.size:
+                    diff = np.abs(v - ours[k].astype(np.float64))
+                    diff = diff[np.isfinite(diff)]
+                    noise_floor[k] = float(diff.max()) if diff.size else 0.0
+        for prefix, d in (("detections", postprocess_global(cfg, cls, box, anchors, hw, scale)),
+                          ("eval_detections", postprocess_per_class(cfg, cls, box, anchors, eval_scale))):
+            n = int(d.valid_len[0])
+            ours[f"{prefix}/{case}/boxes"] = d.boxes[0].cpu().numpy()
+            ours[f"{prefix}/{case}/scores"] = d.scores[0].cpu().numpy()
+            ours[f"{prefix}/{case}/classes"] = d.classes[0].cpu().numpy()
+            ours[f"{prefix}/{case}/valid_len"] = np.asarray(n, np.float32)
+        src = ref if f"{case}/class_net/level{cfg.min_level}" in ref else (heads_ref or {})
+        try:
+            c = np.concatenate([src[f"{case}/class_net/level{l}"].reshape(1, -1, cfg.num_classes) for l in cfg.levels], 1)
+            b = np.concatenate([src[f"{case}/box_net/level{l}"].reshape(1, -1, 4) for l in cfg.levels], 1)
+        except KeyError:
+            continue
+        official_heads[case] = (torch.from_numpy(c).to(device), torch.from_numpy(b).to(device), scale, eval_scale)
+    return ours, official_heads, noise_floor
+
+
+def _np(d) -> dict[str, np.ndarray]:
+    return {"boxes": d.boxes[0].cpu().numpy(), "scores": d.scores[0].cpu().numpy(),
+            "classes": d.classes[0].cpu().numpy()}
+
+
+def compare_runs(model: EfficientDet, ref: Mapping[str, np.ndarray], ours: Mapping[str, np.ndarray],
+                 official_heads: Mapping[str, tuple] | None = None, order: list[str] | None = None,
+                 layer_paths: Mapping[str, str] | None = None,
+                 noise_floor: Mapping[str, float] | None = None) -> list[TapStat]:
+    """Compare every reference key with ours, in ``order`` (default: the reference's key order).
+
+    Inputs we were fed (``input/random``, ``input/*_raw_uint8``) are not comparisons; keys only we
+    have (detailed taps missing from a coarse golden) are skipped; reference keys we lack FAIL.
+    ``noise_floor`` (from :func:`run_ours` with ``noise=True``) enables the fp32-noise allowance: a
+    tensor tap over the ``1e-4`` rule still passes when its error is within ``NOISE_FACTOR`` times
+    our own fp32-vs-fp64 difference there (two fp32 implementations of the same exact network can
+    each be that far from it); it is marked ``fp32 noise`` in the note.
+    """
+    cfg = model.config
+    official_heads = official_heads or {}
+    layer_paths = layer_paths or {}
+    modules = tap_modules(model, detailed=True)
+    keys = list(order) if order else list(ref.keys())
+    keys += [k for k in ref.keys() if k not in keys]
+    hw = _hw_of(ref, model)
+    anchors = torch.from_numpy(ours["anchors"]) if "anchors" in ours else None
+    stats: list[TapStat] = []
+    done: set[str] = set()
+    for key in keys:
+        if key in done or key not in ref or key == "input/random" or key.endswith("_raw_uint8"):
+            continue
+        case, tap = _split_case(key)
+        fam = tap_family(key)
+        head = tap.split("/")[0]
+        module = modules.get(tap) or _FUNCTIONS.get(head, ("", ""))[0]
+        official = layer_paths.get(tap) or official_layer_guess(tap, cfg.backbone.name)
+        if head in ("detections", "eval_detections"):
+            prefix = f"{head}/{case}"
+            done.update(k for k in ref if k.startswith(prefix + "/"))
+            if f"{prefix}/valid_len" not in ours:
+                stats.append(TapStat(key, tuple(np.shape(ref[key])), float("nan"), float("nan"), None, 0.0, False,
+                                     "not compared: no such output of ours", fam, module, official))
+                continue
+            mine = {k: ours[f"{prefix}/{k}"] for k in ("boxes", "scores", "classes")}
+            n = int(ours[f"{prefix}/valid_len"])
+            on_heads = None
+            if case in official_heads and anchors is not None:
+                c, b, scale, eval_scale = official_heads[case]
+                a = anchors.to(c.device)
+                d = (postprocess_global(cfg, c, b, a, hw, scale) if head == "detections"
+                     else postprocess_per_class(cfg, c, b, a, eval_scale))
+                on_heads = _np(d)
+            for r in _compare_detections(prefix, ref, mine, n, on_heads):
+                stats.append(TapStat(r.key, r.shape, r.max_abs_err, r.max_rel_err, None, r.tolerance, r.passed,
+                                     r.note, tap_family(r.key), module, official))
+            continue
+        done.add(key)
+        if key not in ours:
+            stats.append(TapStat(key, tuple(np.shape(ref[key])), float("nan"), float("nan"), None, 0.0, False,
+                                 "not compared: no matching tap in our model", fam, module, official))
+            continue
+        if tap == "pre_nms/classes0":
+            logits_keys = [f"{case}/class_net/level{l}" for l in cfg.levels]
+            ref_logits = (np.concatenate([ref[k].reshape(-1, cfg.num_classes) for k in logits_keys])
+                          if all(k in ref for k in logits_keys) else None)
+            r = _class_tie_result(key, np.asarray(ref[key]), np.asarray(ours[key]), ref_logits)
+            stats.append(TapStat(key, tuple(r.shape), r.max_abs_err, r.max_rel_err, None, r.tolerance, r.passed,
+                                 r.note, fam, module, official))
+            continue
+        s = tensor_stat(key, ref[key], ours[key])
+        s.family, s.module, s.official = fam, module, official
+        if noise_floor and key in noise_floor:
+            s.noise = noise_floor[key]
+            if not s.passed and np.isfinite(s.max_abs_err) and s.max_abs_err <= NOISE_FACTOR * s.noise:
+                s.passed = True
+                s.note = (f"fp32 noise: over the 1e-4 rule but within {NOISE_FACTOR:g}x our own fp32-vs-fp64 "
+                          f"difference ({s.noise:.2e})")
+        stats.append(s)
+    return stats
+
+
+def first_divergence(stats: list[TapStat]) -> TapStat | None:
+    """The first failing tap in execution order (None when all pass)."""
+    return next((s for s in stats if not s.passed), None)
+
+
+@dataclass
+class FamilySummary:
+    family: str
+    n: int
+    n_failed: int
+    max_abs_err: float
+    worst_tap: str
+    max_ratio: float  # max over taps of err / tolerance
+    min_cosine: float | None
+    passed: bool = field(default=True)
+
+
+def family_summary(stats: list[TapStat]) -> list[FamilySummary]:
+    """Per tap family: count, failures, the largest error (and its tap), max err/tol, min cosine."""
+    out: dict[str, FamilySummary] = {}
+    for s in stats:
+        f = out.get(s.family)
+        err = s.max_abs_err if np.isfinite(s.max_abs_err) else float("inf")
+        ratio = err / s.tolerance if s.tolerance > 0 else (0.0 if err == 0 else float("inf"))
+        if f is None:
+            f = out[s.family] = FamilySummary(s.family, 0, 0, -1.0, s.name, 0.0, None)
+        f.n += 1
+        f.n_failed += not s.passed
+        f.passed = f.passed and s.passed
+        if err > f.max_abs_err:
+            f.max_abs_err, f.worst_tap = err, s.name
+        f.max_ratio = max(f.max_ratio, ratio)
+        if s.cosine is not None:
+            f.min_cosine = s.cosine if f.min_cosine is None else min(f.min_cosine, s.cosine)
+    return list(out.values())
