@@ -127,8 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = f"cuda:{dist.local_rank}" if dist.enabled else "cuda"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
-        torch.backends.cudnn.allow_tf32 = args.allow_tf32
     main_rank = dist.is_main
 
     def log(msg: str) -> None:
@@ -165,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f", {dist.world_size} processes" if dist.enabled else ""))
     t0 = time.perf_counter()
     out = run_eval(model, ds, device=device, batch_size=args.batch_size, num_workers=args.workers,
-                   post_workers=args.post_workers, progress=not args.no_progress, dist=dist)
+                   post_workers=args.post_workers, progress=not args.no_progress, dist=dist,
+                   allow_tf32=args.allow_tf32)
     code = 0
     if main_rank:
         wall = time.perf_counter() - t0

@@ -225,14 +225,29 @@ def resolve_post_workers(post_workers: int | str | None, num_images: int) -> int
 @torch.no_grad()
 def run_eval(model: EfficientDet, dataset: Dataset, device: str | torch.device = "cpu", batch_size: int = 8,
              num_workers: int = 2, post_workers: int | str | None = "auto", progress: bool = True,
-             dist: DistInfo | None = None, on_progress: Callable[[int], None] | None = None) -> EvalOutput:
+             dist: DistInfo | None = None, on_progress: Callable[[int], None] | None = None,
+             allow_tf32: bool = False) -> EvalOutput:
     """Run the official COCO-eval path over ``dataset`` (a :class:`~effdet_torch.coco.CocoEvalImages`).
 
     With a process group, this rank evaluates its share and rank 0 receives everybody's rows
-    (other ranks get an :class:`EvalOutput` of their own rows only).
+    (other ranks get an :class:`EvalOutput` of their own rows only). On CUDA, TF32 matmuls and
+    convolutions are switched off for the run (the official eval is float32) unless ``allow_tf32``.
     """
     dist = dist or dist_info()
     device = torch.device(device)
+    if device.type == "cuda":
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(allow_tf32)
+        try:
+            return _run_eval(model, dataset, device, batch_size, num_workers, post_workers, progress, dist,
+                             on_progress)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return _run_eval(model, dataset, device, batch_size, num_workers, post_workers, progress, dist, on_progress)
+
+
+def _run_eval(model, dataset, device: torch.device, batch_size: int, num_workers: int, post_workers,
+              progress: bool, dist: DistInfo, on_progress) -> EvalOutput:
     model = model.to(device).eval()
     cfg = model.config
     hw = tuple(dataset.image_size)
@@ -323,7 +338,8 @@ def detection_agreement(ref: dict[int, np.ndarray], ours: dict[int, np.ndarray])
     from parity.golden import match_detections
 
     def as_det(r: np.ndarray) -> dict[str, np.ndarray]:
-        r = np.asarray(r, np.float64)
+        # synthetic weights can overflow exp() in decoding: make ±inf/nan comparable (equal rows match)
+        r = np.nan_to_num(np.asarray(r, np.float64), nan=0.0, posinf=1e30, neginf=-1e30)
         # rows are [id, x, y, w, h, score, class] → (ymin, xmin, ymax, xmax)
         boxes = np.stack([r[:, 2], r[:, 1], r[:, 2] + r[:, 4], r[:, 1] + r[:, 3]], 1) if len(r) else np.zeros((0, 4))
         return {"boxes": boxes, "scores": r[:, 5], "classes": r[:, 6]}

@@ -173,6 +173,8 @@ def annotations_from_detections(doc: dict, per_image_rows: dict[int, np.ndarray]
             if rank >= len(order):
                 break
             _, x, y, w, h, _, cls = rows[order[rank]]
+            if not np.isfinite([x, y, w, h]).all():  # synthetic weights can overflow exp() in decoding
+                continue
             x0, y0 = min(max(x, lo), w_img), min(max(y, lo), h_img)
             x1, y1 = min(max(x + w, lo), w_img), min(max(y + h, lo), h_img)
             bw, bh = x1 - x0, y1 - y0
