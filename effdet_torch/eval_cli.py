@@ -123,9 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         return fail("--device cuda but CUDA is not available")
     dist = init_distributed(device)
-    if device == "cuda":
-        device = f"cuda:{dist.local_rank}" if dist.enabled else "cuda"
-    if device.startswith("cuda"):
+    if device == "cuda" and dist.enabled:
+        device = f"cuda:{dist.local_rank}"
+    if device.startswith("cuda") and torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))
     main_rank = dist.is_main
 

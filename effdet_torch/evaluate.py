@@ -329,11 +329,14 @@ def _output(items: Sequence[tuple[int, tuple[int, np.ndarray]]], seconds: float,
 
 
 def detection_agreement(ref: dict[int, np.ndarray], ours: dict[int, np.ndarray]) -> dict[str, float]:
-    """Match two runs' eval rows per image (``parity.golden.match_detections``: same class,
-    ``|Δscore| <= 1e-5``, IoU >= 0.9999 or coordinates within ``1e-4·(1 + max|box|)``).
+    """Match two runs' eval rows per image with the core rule (``parity.golden.match_detections``:
+    same class, ``|Δscore| <= 1e-5``, IoU >= 0.9999 or coordinates within ``1e-4·(1 + max|box|)``;
+    unmatched rows whose score is within 1e-5 of the image's last kept score are excused as ties at
+    the cut-off).
 
-    Returns ``matched_fraction`` (pairs / max(rows of either run)), ``max_abs_dscore`` and
-    ``max_abs_dbox`` over the pairs, and row counts.
+    Returns ``pairs``, ``ties`` and ``bad`` (unmatched, not ties) row counts, ``rows_ref`` and
+    ``rows_ours``, ``matched_fraction`` (pairs / max(rows)), ``agreeing_fraction``
+    (1 - bad / max(rows)), and ``max_abs_dscore`` / ``max_abs_dbox`` over the pairs.
     """
     from parity.golden import match_detections
 
@@ -344,7 +347,7 @@ def detection_agreement(ref: dict[int, np.ndarray], ours: dict[int, np.ndarray])
         boxes = np.stack([r[:, 2], r[:, 1], r[:, 2] + r[:, 4], r[:, 1] + r[:, 3]], 1) if len(r) else np.zeros((0, 4))
         return {"boxes": boxes, "scores": r[:, 5], "classes": r[:, 6]}
 
-    pairs = total_ref = total_ours = 0
+    pairs = ties = bad = total_ref = total_ours = 0
     dscore = dbox = 0.0
     for image_id in sorted(set(ref) | set(ours)):
         a = as_det(ref.get(image_id, np.zeros((0, 7), np.float32)))
@@ -352,11 +355,14 @@ def detection_agreement(ref: dict[int, np.ndarray], ours: dict[int, np.ndarray])
         tol = 1e-4 * (1 + float(np.abs(a["boxes"]).max())) if len(a["scores"]) else 0.0
         m = match_detections(a, b, tol)
         pairs += len(m["pairs"])
+        ties += len(m["ties"])
+        bad += len(m["bad_ref"]) + len(m["bad_ours"])
         total_ref += len(a["scores"])
         total_ours += len(b["scores"])
         for i, j, _ in m["pairs"]:
             dscore = max(dscore, abs(a["scores"][i] - b["scores"][j]))
             dbox = max(dbox, float(np.abs(a["boxes"][i] - b["boxes"][j]).max()))
     denom = max(total_ref, total_ours, 1)
-    return {"matched_fraction": pairs / denom, "pairs": pairs, "rows_ref": total_ref, "rows_ours": total_ours,
+    return {"matched_fraction": pairs / denom, "agreeing_fraction": 1.0 - bad / denom, "pairs": pairs,
+            "ties": ties, "bad": bad, "rows_ref": total_ref, "rows_ours": total_ours,
             "max_abs_dscore": dscore, "max_abs_dbox": dbox}

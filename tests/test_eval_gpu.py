@@ -1,8 +1,10 @@
 """The eval path on CUDA agrees with the CPU run (skipped without CUDA).
 
-Prints the agreement (run ``pytest -m gpu -s tests/test_eval_gpu.py`` to see it): matched fraction
-of detections paired with the core tolerance, max |Δscore|, and ΔAP on a ground truth derived
-from the CPU detections. ``benchmarks/gpu_eval_check.py`` is the larger, standalone version.
+Prints the agreement (run ``pytest -m gpu -s tests/test_eval_gpu.py`` to see it): detections
+paired with the core tolerance, ties at the cut-off (one synthetic image saturates: all 100 scores
+1.0), bad rows, max |Δscore|, and ΔAP on a ground truth derived from the CPU detections. Measured
+on an H100 (torch 2.11): of 400 rows 377 matched, 23 + 23 tie rows (CPU + CUDA side), 0 bad,
+max |Δscore| 1.5e-7, ΔAP 0.0000 on all 12 numbers. ``benchmarks/gpu_eval_check.py`` is the larger, standalone version.
 """
 from __future__ import annotations
 
@@ -39,12 +41,12 @@ def test_eval_path_on_cuda_agrees_with_cpu(tmp_path, synth_ckpt_dir, capsys):
     s_gpu, _ = evaluate_coco(pseudo, gpu.rows, cmap, gpu.image_ids, verbose=False)
     d_ap = np.abs(s_gpu - s_cpu)
     with capsys.disabled():
-        print(f"\n[eval CUDA vs CPU] {torch.cuda.get_device_name(0)}: matched "
-              f"{agree['pairs']}/{max(agree['rows_ref'], agree['rows_ours'])} "
-              f"({100 * agree['matched_fraction']:.2f} %), max |Δscore| {agree['max_abs_dscore']:.2e}, "
+        print(f"\n[eval CUDA vs CPU] {torch.cuda.get_device_name(0)}: of "
+              f"{max(agree['rows_ref'], agree['rows_ours'])} rows {agree['pairs']} matched, {agree['ties']} ties "
+              f"at the cut-off, {agree['bad']} bad; max |Δscore| {agree['max_abs_dscore']:.2e}, "
               f"max |Δbox| {agree['max_abs_dbox']:.2e} px, AP CPU {s_cpu[0]:.4f} CUDA {s_gpu[0]:.4f}, "
               f"max |ΔAP| over 12 numbers {d_ap.max():.4f}")
     assert set(gpu.per_image) == set(cpu.per_image)
-    assert agree["matched_fraction"] >= 0.95, agree
+    assert agree["agreeing_fraction"] >= 0.99, agree
     assert s_cpu[0] > 0.2
     assert d_ap.max() <= 0.005, (s_cpu, s_gpu)
