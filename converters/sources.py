@@ -175,10 +175,10 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
             raise CheckpointError(f"{archive}: extraction failed ({e}); is the archive truncated?") from None
 
 
-def _find_checkpoint_dir(root: Path) -> Path:
+def _find_checkpoint_dir(root: Path, archive: Path) -> Path:
     candidates = sorted({p.parent for p in root.rglob("*.index")})
     if len(candidates) != 1:
-        raise CheckpointError(f"{root}: expected one checkpoint (*.index) in the archive, found {len(candidates)}")
+        raise CheckpointError(f"{archive}: expected one checkpoint (*.index) in the archive, found {len(candidates)}")
     return candidates[0]
 
 
@@ -197,7 +197,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         tmp = Path(tempfile.mkdtemp(prefix="effdet-ckpt-"))
         try:
             safe_extract(p, tmp)
-            return TF1Source(_find_checkpoint_dir(tmp), cleanup=tmp)
+            return TF1Source(_find_checkpoint_dir(tmp, p), cleanup=tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -27,7 +27,11 @@ def scale_and_size(hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[np.flo
 def preprocess_image(image: np.ndarray | Tensor, image_size: tuple[int, int], mean_rgb, stddev_rgb,
                      device: torch.device | str | None = None) -> tuple[Tensor, np.float32]:
     """``[h, w, 3]`` uint8 RGB → (``[1, 3, H, W]`` float32 network input, ``image_scale``)."""
-    img = torch.as_tensor(np.asarray(image) if not isinstance(image, Tensor) else image)
+    if not isinstance(image, Tensor):
+        image = np.asarray(image)
+        if not image.flags.writeable:  # e.g. numpy views of PIL images; torch wants writable memory
+            image = image.copy()
+    img = torch.as_tensor(image)
     if img.ndim != 3 or img.shape[-1] != 3:
         raise ValueError(f"expected an [H, W, 3] RGB image, got shape {tuple(img.shape)}")
     if img.shape[0] == 0 or img.shape[1] == 0:
