@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 __all__ = ["OFFICIAL_VAL_AP", "OFFICIAL_AP_TOLERANCE", "check_official", "main"]
 
 #: Official COCO AP per variant, in percent.
@@ -104,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from .coco import CocoEvalImages, category_mapping, coco_results, evaluate_coco, format_metrics, load_annotations
+    from .coco import (COCO_METRIC_NAMES, CocoEvalImages, category_mapping, coco_results, evaluate_coco,
+                       format_metrics, load_annotations)
     from .config import get_config, resolve_variant_name
     from .evaluate import broadcast_from_rank0, init_distributed, run_eval
     from .model import create_model
@@ -191,9 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "variant": variant, "image_size": list(cfg.image_size), "images": len(out.image_ids),
                 "detections": int(len(out.rows)), "device": str(device), "world_size": dist.world_size,
                 "batch_size": args.batch_size, "seconds": wall,
-                "metrics": None if stats is None else dict(zip(
-                    ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax1", "ARmax10", "ARmax100", "ARs", "ARm", "ARl"),
-                    [float(v) for v in stats])),
+                "metrics": None if stats is None else dict(zip(COCO_METRIC_NAMES, [float(v) for v in stats])),
             }
             Path(args.metrics_out).write_text(json.dumps(facts, indent=1))
     code = broadcast_from_rank0(code) if dist.enabled else code

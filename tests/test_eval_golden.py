@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from effdet_torch.coco import CocoEvalImages, category_mapping, evaluate_coco, rows_to_array

@@ -28,7 +28,7 @@ from effdet_torch.eval_cli import main as eval_main
 from effdet_torch.evaluate import ShardedBatchSampler, postprocess_reduced, reduce_candidates
 from effdet_torch.anchors import generate_anchors
 from effdet_torch.postprocess import postprocess_per_class
-from effdet_torch.synthetic_coco import annotations_from_detections, make_synthetic_coco
+from effdet_torch.synthetic_coco import make_synthetic_coco
 from effdet_torch.synthetic_coco import main as synth_main
 
 REPO = Path(__file__).resolve().parents[1]
