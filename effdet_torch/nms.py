@@ -48,7 +48,15 @@ expf = _load_expf()
 
 
 def iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one ``[4]`` box with ``[M, 4]`` boxes, float32, NMSV5 conventions."""
+    """IoU of one ``[4]`` box with ``[M, 4]`` boxes, float32, NMSV5 conventions.
+
+    Non-finite boxes (decoded codes whose exp overflowed) give NaN/0 as in the kernel, silently.
+    """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _iou_one_to_many(box, boxes)
+
+
+def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     y1 = np.minimum(box[0], box[2]); x1 = np.minimum(box[1], box[3])
     y2 = np.maximum(box[0], box[2]); x2 = np.maximum(box[1], box[3])
     ys1 = np.minimum(boxes[:, 0], boxes[:, 2]); xs1 = np.minimum(boxes[:, 1], boxes[:, 3])
@@ -58,8 +66,7 @@ def iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     ih = np.maximum(np.minimum(y2, ys2) - np.maximum(y1, ys1), np.float32(0))
     iw = np.maximum(np.minimum(x2, xs2) - np.maximum(x1, xs1), np.float32(0))
     inter = ih * iw
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = inter / (area + areas - inter)
+    iou = inter / (area + areas - inter)
     return np.where((area <= 0) | (areas <= 0), np.float32(0), iou).astype(np.float32)
 
 
