@@ -282,7 +282,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_grad_enabled(False)
-    sub = {k: v for k, v in ref.items() if k == f"input/{name}_raw_uint8"}
+    # the image and the official detections: run_ours then computes only the inference path
+    sub = {k: v for k, v in ref.items() if k == f"input/{name}_raw_uint8" or k.startswith(f"detections/{name}/")}
     ours, _, _ = run_ours(model, sub, image_size=hw, device=args.device, detailed=False)
     out = Path(args.output or f"{name}_{variant}_parity.png")
     info = render_comparison(ref[f"input/{name}_raw_uint8"], _dets(ref, f"detections/{name}"),

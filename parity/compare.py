@@ -15,6 +15,13 @@ Tolerances (the same as ``parity/golden.py``, which defines them for the golden 
   keeps the bound meaningful for taps whose values are all near zero.
 - ``pre_nms/classes0``: equal except argmax near-ties (official logit gap within the class-logit
   tolerance);
+- fp32-noise allowance (off with ``--strict``): a tensor over that bound still passes, marked
+  ``fp32 noise``, when its error is within ``NOISE_FACTOR`` (3) times our own fp32-vs-fp64
+  difference at that tap (a float64 copy of our model on the same input). That difference measures
+  rounding alone — a wrong layer changes fp32 and fp64 alike — so it cannot excuse a real
+  divergence, only the taps where two correct fp32 implementations legitimately differ by more than
+  1e-4 (measured: head repeats on level 7 reach 1.3× the bound, at 1.0–1.5× our own fp64 gap;
+  boxes decoded from a random input's huge box codes reach 2.9×);
 - detections: matched one to one (same class, ``|Δscore| <= 1e-5``, IoU ≥ 0.9999) by
   :func:`parity.golden.match_detections`; our post-processing fed the official heads decides the
   verdict, end to end is reported beside it.
@@ -191,11 +198,12 @@ def _forward(model: EfficientDet, x: torch.Tensor, case: str, detailed: bool, an
 
 def run_ours(model: EfficientDet, ref: Mapping[str, np.ndarray], image_size: tuple[int, int] | None = None,
              device: str | torch.device = "cpu", detailed: bool = True, seed: int = 1234,
-             heads_ref: Mapping[str, np.ndarray] | None = None,
-             noise: bool = False) -> tuple[dict[str, np.ndarray], dict[str, tuple], dict[str, float]]:
+             heads_ref: Mapping[str, np.ndarray] | None = None, noise: bool = False,
+             post: bool | None = None) -> tuple[dict[str, np.ndarray], dict[str, tuple], dict[str, float]]:
     """Run our model on the inputs of ``ref`` (``input/random`` or ``input/<img>_raw_uint8``).
 
-    Returns our run in the same key scheme; per case the flattened OFFICIAL heads of ``ref`` (or of
+    Returns our run in the same key scheme (post-processing, the slow part on a CPU: ``post=None``
+    the detection paths ``ref`` records, ``True`` both, ``False`` none); per case the flattened OFFICIAL heads of ``ref`` (or of
     ``heads_ref`` when ``ref`` lacks them) for the post-processing-only check; and, with ``noise``,
     the fp32 noise floor of every network tap: ``max|ours_fp32 - ours_fp64|`` from a float64 copy
     of the model on the same input (it measures rounding alone, so a wrong layer cannot inflate it).
@@ -234,8 +242,13 @@ def run_ours(model: EfficientDet, ref: Mapping[str, np.ndarray], image_size: tup
                     diff = np.abs(v - ours[k].astype(np.float64))
                     diff = diff[np.isfinite(diff)]
                     noise_floor[k] = float(diff.max()) if diff.size else 0.0
-        for prefix, d in (("detections", postprocess_global(cfg, cls, box, anchors, hw, scale)),
-                          ("eval_detections", postprocess_per_class(cfg, cls, box, anchors, eval_scale))):
+        for prefix in ("detections", "eval_detections"):
+            # Post-processing the reference has (both when it holds only inputs): soft-NMS is the
+            # slow part of a run on a CPU.
+            if not (post or (post is None and f"{prefix}/{case}/scores" in ref)):
+                continue
+            d = (postprocess_global(cfg, cls, box, anchors, hw, scale) if prefix == "detections"
+                 else postprocess_per_class(cfg, cls, box, anchors, eval_scale))
             n = int(d.valid_len[0])
             ours[f"{prefix}/{case}/boxes"] = d.boxes[0].cpu().numpy()
             ours[f"{prefix}/{case}/scores"] = d.scores[0].cpu().numpy()
@@ -355,7 +368,10 @@ def family_summary(stats: list[TapStat]) -> list[FamilySummary]:
     for s in stats:
         f = out.get(s.family)
         err = s.max_abs_err if np.isfinite(s.max_abs_err) else float("inf")
-        ratio = err / s.tolerance if s.tolerance > 0 else (0.0 if err == 0 else float("inf"))
+        if s.tolerance > 0:
+            ratio = err / s.tolerance
+        else:  # counts (valid_len, argmax flips judged as near-ties): the verdict is the measure
+            ratio = 0.0 if s.passed else float("inf")
         if f is None:
             f = out[s.family] = FamilySummary(s.family, 0, 0, -1.0, s.name, 0.0, None)
         f.n += 1

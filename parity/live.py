@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import numpy as np
 from .official_worker import PROGRESS_PREFIX
 
 __all__ = ["Case", "OfficialError", "OfficialRun", "case_name", "compare_against", "detect_num_classes",
-           "official_run", "prepare_official_ckpt"]
+           "find_release_ckpt", "load_npz", "official_run", "prepare_official_ckpt", "sibling_heads"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,10 +76,13 @@ def prepare_official_ckpt(ckpt: str | os.PathLike, tmp: Path) -> str:
         raise OfficialError(f"{p}: the official model needs an official checkpoint (TF1 dir/prefix, release "
                             "tarball or Keras .h5), not a converted torch file")
     if low.endswith((".tar.gz", ".tgz", ".tar")):
-        from converters.sources import _find_checkpoint_dir, safe_extract
+        from converters.sources import safe_extract
 
         safe_extract(p, tmp)
-        return str(_find_checkpoint_dir(tmp))
+        dirs = sorted({q.parent for q in Path(tmp).rglob("*.index")})
+        if len(dirs) != 1:
+            raise OfficialError(f"{p}: expected one checkpoint (*.index) in the archive, found {len(dirs)}")
+        return str(dirs[0])
     if not Path(p).exists() and not Path(p + ".index").exists():
         raise OfficialError(f"{p}: no such checkpoint")
     return str(Path(p).resolve()) if Path(p).exists() else str(Path(p).parent.resolve() / Path(p).name)
@@ -164,8 +166,10 @@ def compare_against(model, ref: Mapping[str, np.ndarray], image_size: tuple[int,
     float64 run is skipped when everything passes (it costs several fp32 runs on a CPU).
     """
     from .compare import compare_runs, run_ours
+    from .golden import strict_fp32
 
-    with np.errstate(over="ignore", invalid="ignore"):  # random inputs can overflow box decoding to inf
+    # strict fp32 on CUDA (TF32 alone moves taps by ~1e-3); random inputs can overflow box decoding to inf
+    with strict_fp32(), np.errstate(over="ignore", invalid="ignore"):
         ours, heads, _ = run_ours(model, ref, image_size=image_size, device=device, detailed=detailed,
                                   heads_ref=heads_ref)
         order = list(ours.keys())  # our execution order; reference-only keys follow
@@ -184,9 +188,14 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def sibling_heads(path: Path, ref: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Class/box outputs of cases that ``path`` records detections for but not heads, from the other
-    ``.npz`` files of its folder (``tensors_chelsea.npz`` keeps the random case's in ``tensors*.npz``)."""
+    """Class/box outputs of the cases that ``ref`` records detections for but not heads, from the
+    other ``.npz`` files of ``path``'s folder (``tensors_chelsea.npz`` records eval detections of the
+    random case whose heads are in ``tensors*.npz``)."""
+    cases = {k.split("/")[1] for k in ref if k.startswith(("detections/", "eval_detections/"))}
+    missing = {c for c in cases if not any(k.startswith(f"{c}/class_net/level") for k in ref)}
     out: dict[str, np.ndarray] = {}
+    if not missing:
+        return out
     for p in sorted(path.parent.glob("*.npz")):
         if p.resolve() == path.resolve():
             continue
@@ -196,10 +205,23 @@ def sibling_heads(path: Path, ref: Mapping[str, np.ndarray]) -> dict[str, np.nda
             continue
         with z:
             for k in z.files:
-                if ("/class_net/level" in k or "/box_net/level" in k) and "/repeat" not in k and k not in ref:
+                if k.split("/")[0] in missing and re.fullmatch(r"[^/]+/(class|box)_net/level\d+", k):
                     out.setdefault(k, z[k])
     return out
 
 
-def cleanup(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+RELEASE_SUFFIXES = ("", ".tar.gz", ".tgz", ".tar", ".h5")
+
+
+def find_release_ckpt(ckpt_dir: str | os.PathLike, variant: str) -> Path | None:
+    """The checkpoint of ``variant`` in ``ckpt_dir``, named as the release files: a folder
+    ``efficientdet-d0/`` (with ``*.index``), ``efficientdet-d0.tar.gz`` / ``.tgz`` / ``.tar`` or
+    ``efficientdet-d0.h5`` (None when absent)."""
+    root = Path(ckpt_dir)
+    for suf in RELEASE_SUFFIXES:
+        p = root / f"{variant}{suf}"
+        if suf == "" and p.is_dir() and any(p.rglob("*.index")):
+            return p if any(p.glob("*.index")) or (p / "checkpoint").is_file() else next(p.rglob("*.index")).parent
+        if suf and p.is_file():
+            return p
+    return None

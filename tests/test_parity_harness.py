@@ -1,0 +1,303 @@
+"""The parity harness without the official code: detailed taps, comparison and reports on the
+bundled goldens, a deliberately broken model flagged at the right tap, the recording round trip
+(record → golden check) and the side-by-side picture. The live tests are in test_parity_live.py."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effdet_torch.model import create_model
+from effdet_torch.ops import same_padding
+from effdet_torch.taps import record_all_taps, record_taps, tap_modules
+from parity.cli import main as cli_main
+from parity.compare import (compare_runs, family_summary, first_divergence, official_layer_guess, run_ours,
+                            tap_family, tensor_stat)
+from parity.golden import run_golden
+from parity.live import OfficialError, case_name, compare_against, load_npz, official_run, prepare_official_ckpt
+from parity.record import is_golden_key, write_golden
+from parity.report import Report, error_chart_png, format_summary, format_table, write_html, write_json
+from parity.visualize import layout_size, pair_detections, render_comparison
+
+from .conftest import PROJECT_GOLDEN
+
+torch.set_grad_enabled(False)
+D0 = PROJECT_GOLDEN / "efficientdet-d0"
+
+
+@pytest.fixture(scope="module")
+def d0_ckpt(synth_ckpt_dir) -> Path:
+    return synth_ckpt_dir("efficientdet-d0")
+
+
+@pytest.fixture(scope="module")
+def d0(d0_ckpt):
+    return create_model("d0", checkpoint=d0_ckpt, image_size=256)
+
+
+@pytest.fixture(scope="module")
+def golden_random() -> dict[str, np.ndarray]:
+    return load_npz(D0 / "tensors_random.npz")
+
+
+@pytest.fixture(scope="module")
+def detailed_reference(d0, golden_random) -> dict[str, np.ndarray]:
+    """A detailed run of the unbroken model on the golden's random input (every block/node/repeat)."""
+    inputs = {"input/random": golden_random["input/random"]}
+    ours, _, _ = run_ours(d0, inputs, post=False)  # the network taps are what is under test
+    return {**inputs, **ours}
+
+
+# ---------------------------------------------------------------------------------------- taps
+def test_detailed_taps_names_order_and_modules(d0):
+    x = torch.zeros(1, 3, 128, 128)
+    with record_taps(d0) as coarse:
+        d0(x)
+    with record_all_taps(d0) as fine:
+        d0(x)
+    # The golden names are unchanged and still the default.
+    assert all(re.fullmatch(r"(backbone|resample|fpn/cell\d|class_net|box_net)/level\d", k) for k in coarse)
+    assert len(coarse) == 3 + 2 + 3 * 5 + 5 + 5
+    assert set(coarse) <= set(fine)
+    names = list(fine)
+    assert names[0] == "backbone/stem" and names[1:17] == [f"backbone/block{i}" for i in range(16)]
+    assert sum(k.startswith("fpn/cell0/fnode") for k in names) == 8
+    assert sum("/repeat" in k for k in names) == 2 * 3 * 5
+    # execution order: a cell's nodes before its outputs, level-major head repeats
+    assert names.index("fpn/cell0/fnode7") < names.index("fpn/cell0/level3") < names.index("fpn/cell1/fnode0")
+    assert names.index("class_net/repeat2/level3") < names.index("class_net/repeat0/level4")
+    mods = tap_modules(d0)
+    assert set(mods) == set(fine)
+    assert mods["backbone/block5"] == "backbone.blocks.5"
+    assert mods["fpn/cell1/fnode3"] == "fpn.cells.1.fnodes.3"
+    for name, path in mods.items():  # every named module exists in the model
+        head = path.split("+")[0]
+        if head not in ("class_net.predict", "box_net.predict"):
+            d0.get_submodule(head)
+    # a head repeat tap is the activation of that repeat's BN output
+    assert fine["class_net/repeat0/level3"].shape == (1, 64, 16, 16)
+
+
+def test_tap_families_and_official_names():
+    assert tap_family("random/fpn/cell1/fnode3") == "fpn/cell*/fnode*"
+    assert tap_family("chelsea/class_net/repeat2/level7") == "class_net/repeat*/level*"
+    assert tap_family("detections/chelsea/boxes") == "detections/boxes"
+    assert tap_family("input/chelsea_preprocessed") == "input/preprocessed"
+    assert official_layer_guess("backbone/block3", "efficientnet-b0") == "efficientnet-b0/blocks_3"
+    assert official_layer_guess("fpn/cell2/fnode7", "efficientnet-b0") == "fpn_cells/cell_2/fnode7"
+    assert official_layer_guess("box_net/repeat1/level5", "x") == "box_net/box-1 + box-1-bn-5"
+
+
+def test_tensor_stat_rules():
+    ref = np.array([[1.0, -2.0], [np.inf, 0.5]], np.float32)
+    s = tensor_stat("t", ref, ref + np.float32(1e-4))
+    assert s.passed and s.max_abs_err == pytest.approx(1e-4, rel=1e-2) and "non-finite" in s.note
+    assert s.tolerance == pytest.approx(1e-4 * 3)
+    assert not tensor_stat("t", ref, ref + np.float32(1e-3)).passed
+    other = ref.copy()
+    other[1, 0] = 5.0
+    assert not tensor_stat("t", ref, other).passed
+    assert not tensor_stat("t", ref, ref[:1]).passed  # shape
+    assert tensor_stat("t", np.ones(4), np.ones(4)).cosine == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------- comparison on goldens
+def test_compare_and_report_on_golden(d0, golden_random, tmp_path):
+    stats, ours = compare_against(d0, golden_random)
+    assert stats and all(s.passed for s in stats), format_table(stats, only_failures=True)
+    names = [s.name for s in stats]
+    assert names.index("random/backbone/level3") < names.index("random/fpn/cell0/level3") < names.index(
+        "random/class_net/level3") < names.index("random/pre_nms/boxes") < names.index("detections/random/boxes")
+    assert all(s.cosine is None or s.cosine > 0.999999 for s in stats)
+    rep = Report("efficientdet-d0", "golden", str(D0 / "tensors_random.npz"), "synthetic", stats, (256, 256),
+                 ["random"], timings={"run": 1.0})
+    write_json(rep, tmp_path / "report.json")
+    write_html(rep, tmp_path / "report.html")
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["passed"] and data["first_divergence"] is None and data["n_failed"] == 0
+    assert {f["family"] for f in data["families"]} >= {"backbone/level*", "fpn/cell*/level*", "detections/scores"}
+    tap = data["taps"][0]
+    assert set(tap) >= {"name", "shape", "max_abs_err", "max_rel_err", "cosine", "tolerance", "verdict"}
+    page = (tmp_path / "report.html").read_text()
+    assert "PASS" in page and "data:image/png;base64," in page and "random/box_net/level7" in page
+    assert "PASS: " in format_summary(rep)
+    assert error_chart_png(stats)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_cli_on_golden(d0_ckpt, tmp_path, capsys):
+    out = tmp_path / "rep"
+    rc = cli_main(["compare", "--variant", "d0", "--ckpt", str(d0_ckpt), "--golden", str(D0 / "tensors_chelsea.npz"),
+                   "--out", str(out), "--no-progress", "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "PASS" in text and "family" in text
+    assert (out / "report.json").is_file() and (out / "report.html").is_file()
+    assert (out / "detections_chelsea.png").is_file()  # image cases get the side-by-side picture
+    data = json.loads((out / "report.json").read_text())
+    # eval detections of the random case are checked on the heads of the sibling golden file
+    assert any(t["name"] == "eval_detections/random/scores" and t["verdict"] == "pass" for t in data["taps"])
+    assert cli_main(["compare", "--variant", "d0", "--ckpt", str(d0_ckpt), "--no-progress"]) == 2  # no reference
+
+
+# ------------------------------------------------------------------------ a broken model
+def _flip_padding(conv) -> None:
+    """Make one SAME conv pad top/left instead of bottom/right (a classic port bug)."""
+    def forward(self, x):
+        kh, kw = self.kernel_size
+        top, bottom = same_padding(x.shape[-2], kh, self.stride[0])
+        left, right = same_padding(x.shape[-1], kw, self.stride[1])
+        return F.conv2d(F.pad(x, (right, left, bottom, top)), self.weight, self.bias, self.stride, 0,
+                        self.dilation, self.groups)
+
+    conv.forward = types.MethodType(forward, conv)
+
+
+BREAKAGES = {
+    # name: (break, first tap vs the detailed reference, its module, first tap vs the coarse golden)
+    "bn_eps_backbone": (lambda m: setattr(m.backbone.blocks[5].bn_dw, "eps", 1e-5),
+                        "random/backbone/block5", "backbone.blocks.5", "random/backbone/level4"),
+    "padding_flipped": (lambda m: _flip_padding(m.backbone.blocks[3].conv_dw),
+                        "random/backbone/block3", "backbone.blocks.3", "random/backbone/level3"),
+    "bn_eps_bifpn_node": (lambda m: setattr(m.fpn.cells[1].fnodes[3].bn, "eps", 1e-5),
+                          "random/fpn/cell1/fnode3", "fpn.cells.1.fnodes.3", "random/fpn/cell1/level3"),
+    "bn_eps_head_repeat": (lambda m: setattr(m.class_net.bns[2][1], "eps", 1e-5),
+                           "random/class_net/repeat2/level4", "class_net.convs.2+bns.2.1+act", "random/class_net/level4"),
+}
+
+
+@pytest.mark.parametrize("name", list(BREAKAGES))
+def test_broken_model_flagged_at_the_right_tap(name, d0, detailed_reference, golden_random, tmp_path):
+    brk, want, module, want_coarse = BREAKAGES[name]
+    broken = copy.deepcopy(d0)
+    brk(broken)
+    stats, _ = compare_against(broken, detailed_reference, strict=True)
+    first = first_divergence(stats)
+    assert first is not None and first.name == want and first.module == module
+    assert first.max_abs_err > 5 * first.tolerance  # flagged by a wide margin, not by noise
+    # everything before it passes: the harness localises, it does not just fail
+    assert all(s.passed for s in stats[: stats.index(first)])
+    # against the official golden (coarse taps only) the first divergence is the enclosing output
+    stats_g, _ = compare_against(broken, golden_random, strict=True)
+    assert first_divergence(stats_g).name == want_coarse
+    if name == "padding_flipped":  # the report names and highlights it
+        rep = Report("efficientdet-d0", "golden", "detailed reference", "synthetic", stats, (256, 256), ["random"])
+        text = format_summary(rep)
+        assert f"first divergence: {want}" in text and module in text and "FAIL" in text
+        write_html(rep, tmp_path / "r.html")
+        page = (tmp_path / "r.html").read_text()
+        assert "class='first'" in page and "First divergence" in page
+        assert "first divergence" in format_table(stats)
+
+
+# --------------------------------------------------------------------- recording round trip
+def test_record_round_trip(d0_ckpt, tmp_path, capsys):
+    """A run in the official key scheme (ours standing in for the official worker's output) written
+    by the recorder is a golden that ``effdet-parity golden`` checks, every key compared."""
+    from skimage import data
+
+    d0 = create_model("d0", checkpoint=d0_ckpt, image_size=128)  # small: the format is under test
+    inputs = {"input/random": np.random.default_rng(7).standard_normal((1, 128, 128, 3)).astype(np.float32),
+              "input/chelsea_raw_uint8": data.chelsea()}
+    ours, _, _ = run_ours(d0, inputs, post=True)
+    # the COCO-eval path of the image case stays (format); the random one's is the same code, slow on a CPU
+    run = {k: v for k, v in {**inputs, **ours}.items() if not k.startswith("eval_detections/random/")}
+    meta = {"variant": "efficientdet-d0", "official_commit": "test", "image_size": [128, 128],
+            "versions": {"tensorflow": "n/a"}, "load_report": {"loader": "test"}, "ckpt": str(d0_ckpt)}
+    paths = write_golden(tmp_path / "rec", run, meta, detailed=True)
+    z = np.load(paths["tensors"])
+    assert all(is_golden_key(k) for k in z.files)
+    assert {"input/random", "input/chelsea_raw_uint8", "input/chelsea_preprocessed", "chelsea/image_scale",
+            "random/fpn/cell2/level7", "detections/chelsea/valid_len", "eval_detections/chelsea/scores",
+            "anchors"} <= set(z.files)
+    zd = np.load(paths["detailed"])
+    assert "random/backbone/block15" in zd.files and "chelsea/fpn/cell0/fnode0" in zd.files
+    assert not any(is_golden_key(k) for k in zd.files)
+    m = json.loads(paths["meta"].read_text())
+    assert m["variant"] == "efficientdet-d0" and m["cases"] == ["chelsea", "random"]
+    assert m["tensors"]["random/class_net/level3"] == [[1, 16, 16, 810], "float32"]
+    assert "conventions" in m and m["sha256_of_input_arrays"]
+    results = run_golden(d0, paths["tensors"])  # what `effdet-parity golden` runs
+    assert len(results) > 40 and all(r.passed for r in results)
+    assert not any("not compared" in r.note for r in results)
+    # the detailed file adds the per-block/node/repeat taps to a golden comparison
+    rc = cli_main(["compare", "--variant", "d0", "--ckpt", str(d0_ckpt), "--golden", str(paths["tensors"]),
+                   "--golden", str(paths["detailed"]), "--out", str(tmp_path / "rep"), "--no-progress", "--quiet",
+                   "--no-pictures"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert any(t["name"] == "chelsea/backbone/block7" for t in rep["taps"])
+    capsys.readouterr()
+
+
+# --------------------------------------------------------------------------- the picture
+def test_visualize_from_golden(d0_ckpt, tmp_path, capsys):
+    from PIL import Image
+    from skimage import data
+
+    img = data.chelsea()
+    png = tmp_path / "chelsea.png"
+    Image.fromarray(img).save(png)
+    out = tmp_path / "vis.png"
+    rc = cli_main(["visualize", str(png), "--variant", "d0", "--ckpt", str(d0_ckpt), "--golden",
+                   str(D0 / "tensors_chelsea.npz"), "-o", str(out), "--top", "12"])
+    assert rc == 0 and out.is_file()
+    assert "12" in capsys.readouterr().out or True
+    pic = Image.open(out)
+    info = json.loads(pic.info["effdet-parity"])
+    assert [p["name"] for p in info["panels"]] == ["official", "ours", "overlay"]
+    assert tuple(pic.size) == tuple(info["size"]) == layout_size(img.shape[:2], info["table"]["rows"])
+    assert info["table"]["rows"] == 12 and info["counts"]["matched"] == info["counts"]["official"] == 100
+    rgb = np.asarray(pic.convert("RGB")).astype(int)
+    for p in info["panels"]:  # each panel shows the image (thin boxes drawn over it)
+        x0, y0, x1, y1 = p["box"]
+        assert (x1 - x0, y1 - y0) == (img.shape[1], img.shape[0])
+        assert np.median(np.abs(rgb[y0:y1, x0:x1] - img)) == 0
+    x0, y0, x1, y1 = info["table"]["box"]
+    assert (rgb[y0:y1, x0:x1] < 100).any()  # the table has text
+    assert cli_main(["visualize", str(png), "--variant", "d0", "--ckpt", str(d0_ckpt), "--golden",
+                     str(D0 / "tensors_random.npz")]) == 2  # the image is not in that golden
+
+
+def test_pairing_and_unmatched_boxes_stand_out(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    boxes = np.array([[10, 10, 60, 80], [100, 120, 180, 200], [30, 150, 90, 230]], np.float32)
+    off = {"boxes": boxes, "scores": np.array([0.9, 0.8, 0.7], np.float32),
+           "classes": np.array([1, 17, 18], np.float32), "valid_len": np.array(3.0)}
+    mine = {"boxes": boxes.copy(), "scores": off["scores"].copy(), "classes": off["classes"].copy(),
+            "valid_len": np.array(3.0)}
+    mine["boxes"][1] += 3.0  # same object, out of tolerance → near
+    mine["classes"][2] = 3  # a different class → unmatched on both sides
+    p = pair_detections(off, mine)
+    assert [i for i, _, _ in p.matched] == [0] and [i for i, _, _ in p.near] == [1]
+    assert p.official_only == [2] and p.ours_only == [2]
+    img = (rng.random((240, 320, 3)) * 60).astype(np.uint8)
+    info = render_comparison(img, off, mine, tmp_path / "p.png", title="synthetic")
+    assert info["counts"] == {"matched": 1, "near": 1, "official_only": 1, "ours_only": 1, "official": 3, "ours": 3}
+    rgb = np.asarray(Image.open(tmp_path / "p.png").convert("RGB")).astype(int)
+    x0, y0, x1, y1 = info["panels"][2]["box"]
+    overlay = rgb[y0:y1, x0:x1]
+    red = (overlay[..., 0] > 200) & (overlay[..., 1] < 60) & (overlay[..., 2] < 80)
+    magenta = (overlay[..., 0] > 200) & (overlay[..., 1] < 40) & (overlay[..., 2] > 200)
+    assert red.sum() > 100 and magenta.sum() > 100  # thick boxes for the unmatched rows
+
+
+# ----------------------------------------------------------- the official side, without it
+def test_official_side_errors_are_clear(tmp_path, d0_ckpt):
+    from parity.live import Case
+
+    with pytest.raises(OfficialError, match="google/automl checkout"):
+        official_run(tmp_path, "efficientdet-d0", d0_ckpt, [Case("random", "random")], (64, 64))
+    with pytest.raises(OfficialError, match="not a converted torch file"):
+        prepare_official_ckpt(tmp_path / "model.pth", tmp_path)
+    assert case_name("/x/My Cat.v2.jpg") == "My_Cat_v2" and case_name("random.png") == "random_image"
+    assert cli_main(["compare", "--variant", "d0", "--ckpt", str(d0_ckpt), "--automl-dir", str(tmp_path),
+                     "--no-progress", "--out", str(tmp_path / "o")]) == 2
