@@ -45,7 +45,7 @@ from effdet_torch.postprocess import flatten_outputs, postprocess_global, postpr
 from effdet_torch.preprocess import preprocess_image
 from effdet_torch.taps import record_taps, tap_modules
 
-from .golden import REL_TOL, _class_tie_result, _compare_detections, golden_cases
+from .golden import REL_TOL, _class_tie_result, _compare_detections, golden_cases, strict_fp32
 
 NOISE_FACTOR = 3.0
 
@@ -208,6 +208,11 @@ def run_ours(model: EfficientDet, ref: Mapping[str, np.ndarray], image_size: tup
     the fp32 noise floor of every network tap: ``max|ours_fp32 - ours_fp64|`` from a float64 copy
     of the model on the same input (it measures rounding alone, so a wrong layer cannot inflate it).
     """
+    with strict_fp32():  # CUDA: no TF32 (it alone moves taps by ~1e-3)
+        return _run_ours(model, ref, image_size, device, detailed, seed, heads_ref, noise, post)
+
+
+def _run_ours(model, ref, image_size, device, detailed, seed, heads_ref, noise, post):
     model = model.to(device).eval()
     cfg = model.config
     hw = tuple(image_size) if image_size else _hw_of(ref, model)
