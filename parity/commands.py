@@ -38,7 +38,7 @@ class _Progress:
         self.bar.close()
 
 
-def _cases(args, cmd: str):
+def _cases(args):
     from .live import Case, case_name
 
     cases = []
@@ -81,7 +81,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from effdet_torch.config import get_config, parse_image_size, resolve_variant_name
     from effdet_torch.model import create_model
 
-    from .compare import _hw_of
+    from .compare import reference_hw
+    from .golden import golden_cases
     from .live import OfficialError, compare_against, load_npz, official_run, sibling_heads
     from .report import Report, format_summary, format_table, write_html, write_json
     from .visualize import render_comparison
@@ -107,7 +108,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         if live:
             try:
-                cases = _cases(args, "compare")
+                cases = _cases(args)
             except (FileNotFoundError, ValueError) as e:
                 return _err("compare", str(e))
             hw = hw or get_config(variant).image_size
@@ -136,7 +137,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 ref.update(load_npz(g))
             heads_ref = sibling_heads(Path(args.golden[0]), ref)
             reference = "recorded golden " + ", ".join(map(str, args.golden))
-            hw = hw or _hw_of(ref, type("M", (), {"config": get_config(variant)})())
+            hw = hw or reference_hw(ref, get_config(variant).image_size)
             if args.image or args.random:
                 notes.append("--image/--random are ignored with --golden: every case of the file is compared")
         prog.step("ours: loading the checkpoint")
@@ -154,7 +155,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         prog.step("comparing taps")
     finally:
         prog.close()
-    cases_run = sorted({k.split("/")[1] for k in ref if k.startswith("detections/")})
+    cases_run = golden_cases(list(ref))
     report = Report(variant=variant, mode="live" if live else "golden", reference=reference, ckpt=str(args.ckpt),
                     stats=stats, image_size=tuple(hw), cases=cases_run, device=args.device, timings=timings,
                     meta=meta, notes=notes)
@@ -184,7 +185,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
     try:
         variant = resolve_variant_name(args.variant)
-        cases = _cases(args, "record")
+        cases = _cases(args)
     except (ValueError, FileNotFoundError) as e:
         return _err("record", str(e))
     hw = parse_image_size(args.image_size) if args.image_size else get_config(variant).image_size

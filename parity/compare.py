@@ -173,11 +173,16 @@ def tensor_stat(name: str, ref: np.ndarray, ours: np.ndarray, note: str = "") ->
     return TapStat(name, tuple(ref.shape), err, err / scale if scale else err, cos, tol, err <= tol, note)
 
 
-def _hw_of(ref: Mapping[str, np.ndarray], model: EfficientDet) -> tuple[int, int]:
+def reference_hw(ref: Mapping[str, np.ndarray], default: tuple[int, int]) -> tuple[int, int]:
+    """The network input size of a reference run (from its random or preprocessed input)."""
     for k in ref:
         if k == "input/random" or k.endswith("_preprocessed"):
             return tuple(int(v) for v in ref[k].shape[1:3])
-    return tuple(model.config.image_size)
+    return tuple(default)
+
+
+def _hw_of(ref: Mapping[str, np.ndarray], model: EfficientDet) -> tuple[int, int]:
+    return reference_hw(ref, model.config.image_size)
 
 
 def _forward(model: EfficientDet, x: torch.Tensor, case: str, detailed: bool, anchors: torch.Tensor,

@@ -26,7 +26,7 @@ from effdet_torch.config import VARIANTS, get_config
 from effdet_torch.model import create_model
 from parity.cli import main as cli_main
 from parity.compare import first_divergence, official_layer_guess, tensor_stat
-from parity.live import Case, compare_against, find_release_ckpt, load_npz, official_run
+from parity.live import Case, compare_against, find_release_ckpt, official_run
 from parity.report import format_table
 
 from .conftest import PROJECT_GOLDEN, SHARED_GOLDEN
