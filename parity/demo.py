@@ -81,15 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"parity-{name.removesuffix('.npz')}.txt").write_text(table + "\n")
 
     _step("4/5 official detections beside ours (chelsea)")
-    picture = None
-    try:
-        from .visualize import visualize_golden  # noqa: F401  (provided by the parity harness)
+    import numpy as np
+    from PIL import Image
 
-        picture = out / "chelsea-side-by-side.png"
-        visualize_golden(model, GOLDEN / "efficientdet-d0" / "tensors_chelsea.npz", picture)
-        print(f"wrote {picture}")
-    except ImportError:
-        print("(visualisation not available in this version)")
+    from .cli import main as parity_main
+
+    golden_chelsea = GOLDEN / "efficientdet-d0" / "tensors_chelsea.npz"
+    image = out / "chelsea.png"  # scikit-image's bundled sample, as recorded in the golden
+    Image.fromarray(np.load(golden_chelsea)["input/chelsea_raw_uint8"]).save(image)
+    picture = out / "chelsea-side-by-side.png"
+    rc = parity_main(["visualize", str(image), "--variant", "d0", "--ckpt", str(pth), "--golden",
+                      str(golden_chelsea), "-o", str(picture), "--no-progress"])
+    ok &= rc == 0
 
     _step("5/5 report")
     report = out / "REPORT.md"
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- verdict: **{'PASS' if ok else 'FAIL'}** — every tap within tolerance "
         "(1e-4·(1+max|official|) on images, 3e-4 on the random input; detections matched one to one)\n\n"
         "| golden set | taps | passed | closest to its tolerance |\n|---|---|---|---|\n" + "\n".join(lines) + "\n"
-        + (f"\n![official vs ours]({picture.name})\n" if picture else "")
+        + f"\n![official vs ours]({picture.name})\n"
     )
     print(f"\ndemo {'PASSED' if ok else 'FAILED'} in {time.time() - t0:.1f} s. Outputs in {out}/:")
     for f in sorted(out.iterdir()):

@@ -43,7 +43,8 @@ from effdet_torch.postprocess import flatten_outputs, postprocess_global, postpr
 from effdet_torch.preprocess import preprocess_image
 from effdet_torch.taps import record_taps
 
-__all__ = ["TapResult", "golden_cases", "match_detections", "run_golden", "write_json"]
+__all__ = ["TapResult", "box_iou", "class_tie_result", "compare_detections", "golden_cases", "match_detections",
+           "rel_tol", "run_golden", "strict_fp32", "write_json"]
 
 REL_TOL = 1e-4  # image cases
 RANDOM_REL_TOL = 3e-4  # the N(0,1) 'random' case (see the module docstring for the measurement)
@@ -91,7 +92,7 @@ def golden_cases(keys: list[str]) -> list[str]:
     return cases
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     ih = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iw = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ih * iw
@@ -118,7 +119,7 @@ def match_detections(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray], bo
     for i in range(len(rs)):
         best, best_iou = -1, -1.0
         for j in np.nonzero((~used) & (oc == rc[i]) & (np.abs(os_ - rs[i]) <= SCORE_TOL))[0]:
-            iou = _iou(rb[i], ob[j])
+            iou = box_iou(rb[i], ob[j])
             if iou > best_iou:
                 best, best_iou = j, iou
         close = best >= 0 and box_tol is not None and np.abs(rb[i] - ob[best]).max() <= box_tol
@@ -146,7 +147,7 @@ def _describe(m: dict) -> str:
     return note
 
 
-def _compare_detections(prefix: str, npz, ours: dict[str, np.ndarray], ours_n: int,
+def compare_detections(prefix: str, npz, ours: dict[str, np.ndarray], ours_n: int,
                         on_official_heads: dict[str, np.ndarray] | None = None) -> list[TapResult]:
     """End-to-end rows (``ours``) matched with the box tolerance; ``on_official_heads`` (our
     post-processing fed the OFFICIAL class/box outputs) matched strictly (IoU ≥ 0.9999)."""
@@ -197,7 +198,7 @@ def _compare_detections(prefix: str, npz, ours: dict[str, np.ndarray], ours_n: i
     return out
 
 
-def _class_tie_result(key: str, ref_cls0: np.ndarray, our_cls0: np.ndarray, ref_logits: np.ndarray | None) -> TapResult:
+def class_tie_result(key: str, ref_cls0: np.ndarray, our_cls0: np.ndarray, ref_logits: np.ndarray | None) -> TapResult:
     diff = np.nonzero(ref_cls0.astype(np.int64) != our_cls0.astype(np.int64))[0]
     if ref_logits is None:
         return TapResult(key, ref_cls0.shape, float(len(diff)), 0.0, 0.0, len(diff) == 0, f"{len(diff)} differ")
@@ -284,17 +285,17 @@ def _run_golden(model: EfficientDet, npz_path: str | os.PathLike, image_size: tu
             lv = [f"{case}/class_net/level{l}" for l in cfg.levels]
             if all(k in npz for k in lv):
                 ref_logits = np.concatenate([npz[k].reshape(-1, cfg.num_classes) for k in lv])
-            results.append(_class_tie_result(f"{case}/pre_nms/classes0", npz[f"{case}/pre_nms/classes0"],
+            results.append(class_tie_result(f"{case}/pre_nms/classes0", npz[f"{case}/pre_nms/classes0"],
                                              classes0[0].cpu().numpy(), ref_logits))
         heads = _official_heads(npz, case, cfg, device, Path(npz_path))
         if f"detections/{case}/scores" in npz:
             d = postprocess_global(cfg, cls, box, anchors, hw, scale)
             o = _np(postprocess_global(cfg, *heads, anchors, hw, scale)) if heads else None
-            results += _compare_detections(f"detections/{case}", npz, _np(d), int(d.valid_len[0]), o)
+            results += compare_detections(f"detections/{case}", npz, _np(d), int(d.valid_len[0]), o)
         if f"eval_detections/{case}/scores" in npz:
             d = postprocess_per_class(cfg, cls, box, anchors, eval_scale)
             o = _np(postprocess_per_class(cfg, *heads, anchors, eval_scale)) if heads else None
-            results += _compare_detections(f"eval_detections/{case}", npz, _np(d), int(d.valid_len[0]), o)
+            results += compare_detections(f"eval_detections/{case}", npz, _np(d), int(d.valid_len[0]), o)
     compared = {r.key for r in results}
     for k in keys:  # recorded inputs are not comparisons; anything else left over is reported
         if k not in compared and not k.startswith("input/"):

@@ -20,7 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from .coco_names import class_name
-from .golden import REL_TOL, _iou, match_detections
+from .golden import REL_TOL, box_iou, match_detections
 
 __all__ = ["Pairing", "layout_size", "pair_detections", "render_comparison"]
 
@@ -59,7 +59,7 @@ def pair_detections(official: Mapping[str, np.ndarray], ours: Mapping[str, np.nd
         for j in range(len(mine["scores"])):
             if j in used_o or mine["classes"][j] != ref["classes"][i]:
                 continue
-            iou = _iou(ref["boxes"][i], mine["boxes"][j])
+            iou = box_iou(ref["boxes"][i], mine["boxes"][j])
             if iou >= best_iou:
                 best, best_iou = j, iou
         if best >= 0:
