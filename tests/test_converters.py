@@ -336,3 +336,40 @@ def test_create_model_resets_only_the_class_head(tmp_path, d0_state):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         create_model("d0", checkpoint=p, num_classes=90)
+
+
+def test_momentum_slots_and_global_step_are_ignored(tmp_path):
+    """A training checkpoint (with /Momentum slots) converts to the same weights as the release one."""
+    from converters.synth import write_synth_checkpoint
+
+    bn = PROJECT_GOLDEN / "bn_stats" / "efficientdet-d0.npz"
+    plain = write_synth_checkpoint("d0", tmp_path / "plain", bn_stats_path=bn, golden_dir=PROJECT_GOLDEN, progress=False)
+    train = write_synth_checkpoint("d0", tmp_path / "train", bn_stats_path=bn, golden_dir=PROJECT_GOLDEN,
+                                   momentum=True, progress=False)
+    assert any(k.endswith("/Momentum") for k in TensorBundleReader(train / "model").keys())
+    a = convert_checkpoint(plain, "d0")
+    b = convert_checkpoint(train, "d0")
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert "global_step" in b.ignored and len(b.ignored) == 1 + 493  # 493 trainable variables' slots
+
+
+def test_killed_while_writing_leaves_no_output(tmp_path, d0_state):
+    """SIGKILL in the middle of writing: nothing appears under the final name."""
+    import signal
+
+    src = tmp_path / "sd.pth"
+    save_state_dict(d0_state, src)
+    out = tmp_path / "out.pth"
+    code = (
+        "import os, signal, torch\n"
+        "from converters.convert import save_state_dict, load_state_dict_file\n"
+        f"sd = load_state_dict_file({str(src)!r})\n"
+        "real = torch.save\n"
+        "def dying(obj, f, *a, **k):\n"
+        "    f.write(b'PK' * 1000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = dying\n"
+        f"save_state_dict(sd, {str(out)!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
