@@ -105,7 +105,7 @@ def _check_fit(source: CheckpointSource, entries: list[MapEntry], variant: str, 
                          "to convert its raw values")
         else:
             lines.append(f"{len(missing_ema)} EMA shadows missing: {_fmt(missing_ema)}")
-    raise ConversionError("\n  ".join(lines))
+    raise ConversionError("; ".join(lines))  # one line: file, fault, first variable and shapes
 
 
 def convert_checkpoint(path: str | os.PathLike, variant: str, ema: bool = True,
