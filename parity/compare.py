@@ -45,7 +45,7 @@ from effdet_torch.postprocess import flatten_outputs, postprocess_global, postpr
 from effdet_torch.preprocess import preprocess_image
 from effdet_torch.taps import record_taps, tap_modules
 
-from .golden import class_tie_result, compare_detections, golden_cases, rel_tol, strict_fp32
+from .golden import TapResult, class_tie_result, compare_detections, golden_cases, rel_tol, strict_fp32
 
 NOISE_FACTOR = 3.0
 
@@ -54,29 +54,18 @@ __all__ = ["NOISE_FACTOR", "TapStat", "compare_runs", "first_divergence", "offic
 
 
 @dataclass
-class TapStat:
-    name: str
-    shape: tuple[int, ...]
-    max_abs_err: float
-    max_rel_err: float  # max_abs_err / max|ref|
-    cosine: float | None  # None where it means nothing (counts, matched detections)
-    tolerance: float
-    passed: bool
-    note: str = ""
+class TapStat(TapResult):
+    """A :class:`~parity.golden.TapResult` with what the report shows beside it."""
+
+    cosine: float | None = None  # None where it means nothing (counts, matched detections)
     family: str = ""
     module: str = ""  # ours: qualified module / function name
     official: str = ""  # official layer path / function
     noise: float | None = None  # our fp32-vs-fp64 difference at this tap (when measured)
 
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        d["verdict"] = "pass" if self.passed else "FAIL"
-        for k in ("max_abs_err", "max_rel_err", "tolerance", "cosine", "noise"):
-            v = d[k]
-            if v is not None and not np.isfinite(v):
-                d[k] = None
-        return d
+
+def _annotated(r: TapResult, family: str, module: str, official: str) -> TapStat:
+    return TapStat(**asdict(r), family=family, module=module, official=official)
 
 
 _INDEXED = re.compile(r"(block|cell|fnode|repeat|level)\d+")
@@ -154,7 +143,7 @@ def tensor_stat(name: str, ref: np.ndarray, ours: np.ndarray, note: str = "") ->
     ref = np.asarray(ref, np.float64)
     ours = np.asarray(ours, np.float64)
     if ref.shape != ours.shape:
-        return TapStat(name, tuple(ref.shape), float("inf"), float("inf"), None, float("nan"), False,
+        return TapStat(name, tuple(ref.shape), float("inf"), float("inf"), float("nan"), False,
                        f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}")
     bad = ~np.isfinite(ref) | ~np.isfinite(ours)
     n_bad = int(bad.sum())
@@ -164,14 +153,14 @@ def tensor_stat(name: str, ref: np.ndarray, ours: np.ndarray, note: str = "") ->
     if n_bad:
         same = np.array_equal(ref[bad], ours[bad], equal_nan=True)
         if not same:
-            return TapStat(name, tuple(ref.shape), float("inf"), float("inf"), None, tol, False,
+            return TapStat(name, tuple(ref.shape), float("inf"), float("inf"), tol, False,
                            f"non-finite values differ: {int((~np.isfinite(ours)).sum())} in ours, "
                            f"{int((~np.isfinite(ref)).sum())} in the reference, not at the same places")
         note = (note + "; " if note else "") + f"{n_bad} non-finite values, equal on both sides"
     err = float(np.abs(r - o).max()) if r.size else 0.0
     na, nb = float(np.linalg.norm(r)), float(np.linalg.norm(o))
     cos = float(r @ o / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
-    return TapStat(name, tuple(ref.shape), err, err / scale if scale else err, cos, tol, err <= tol, note)
+    return TapStat(name, tuple(ref.shape), err, err / scale if scale else err, tol, err <= tol, note, cosine=cos)
 
 
 def reference_hw(ref: Mapping[str, np.ndarray], default: tuple[int, int]) -> tuple[int, int]:
@@ -315,8 +304,9 @@ def compare_runs(model: EfficientDet, ref: Mapping[str, np.ndarray], ours: Mappi
             prefix = f"{head}/{case}"
             done.update(k for k in ref if k.startswith(prefix + "/"))
             if f"{prefix}/valid_len" not in ours:
-                stats.append(TapStat(key, tuple(np.shape(ref[key])), float("nan"), float("nan"), None, 0.0, False,
-                                     "not compared: no such output of ours", fam, module, official))
+                stats.append(TapStat(key, tuple(np.shape(ref[key])), float("nan"), float("nan"), 0.0, False,
+                                     "not compared: no such output of ours", family=fam, module=module,
+                                     official=official))
                 continue
             mine = {k: ours[f"{prefix}/{k}"] for k in ("boxes", "scores", "classes")}
             n = int(ours[f"{prefix}/valid_len"])
@@ -328,21 +318,20 @@ def compare_runs(model: EfficientDet, ref: Mapping[str, np.ndarray], ours: Mappi
                      else postprocess_per_class(cfg, c, b, a, eval_scale))
                 on_heads = _np(d)
             for r in compare_detections(prefix, ref, mine, n, on_heads):
-                stats.append(TapStat(r.key, r.shape, r.max_abs_err, r.max_rel_err, None, r.tolerance, r.passed,
-                                     r.note, tap_family(r.key), module, official))
+                stats.append(_annotated(r, tap_family(r.key), module, official))
             continue
         done.add(key)
         if key not in ours:
-            stats.append(TapStat(key, tuple(np.shape(ref[key])), float("nan"), float("nan"), None, 0.0, False,
-                                 "not compared: no matching tap in our model", fam, module, official))
+            stats.append(TapStat(key, tuple(np.shape(ref[key])), float("nan"), float("nan"), 0.0, False,
+                                 "not compared: no matching tap in our model", family=fam, module=module,
+                                 official=official))
             continue
         if tap == "pre_nms/classes0":
             logits_keys = [f"{case}/class_net/level{l}" for l in cfg.levels]
             ref_logits = (np.concatenate([ref[k].reshape(-1, cfg.num_classes) for k in logits_keys])
                           if all(k in ref for k in logits_keys) else None)
             r = class_tie_result(key, np.asarray(ref[key]), np.asarray(ours[key]), ref_logits)
-            stats.append(TapStat(key, tuple(r.shape), r.max_abs_err, r.max_rel_err, None, r.tolerance, r.passed,
-                                 r.note, fam, module, official))
+            stats.append(_annotated(r, fam, module, official))
             continue
         s = tensor_stat(key, ref[key], ours[key])
         s.family, s.module, s.official = fam, module, official
@@ -384,12 +373,12 @@ def family_summary(stats: list[TapStat]) -> list[FamilySummary]:
         else:  # counts (valid_len, argmax flips judged as near-ties): the verdict is the measure
             ratio = 0.0 if s.passed else float("inf")
         if f is None:
-            f = out[s.family] = FamilySummary(s.family, 0, 0, -1.0, s.name, 0.0, None)
+            f = out[s.family] = FamilySummary(s.family, 0, 0, -1.0, s.key, 0.0, None)
         f.n += 1
         f.n_failed += not s.passed
         f.passed = f.passed and s.passed
         if err > f.max_abs_err:
-            f.max_abs_err, f.worst_tap = err, s.name
+            f.max_abs_err, f.worst_tap = err, s.key
         f.max_ratio = max(f.max_ratio, ratio)
         if s.cosine is not None:
             f.min_cosine = s.cosine if f.min_cosine is None else min(f.min_cosine, s.cosine)

@@ -37,11 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from effdet_torch.detector import Detector
 from effdet_torch.model import EfficientDet
-from effdet_torch.postprocess import flatten_outputs, postprocess_global, postprocess_per_class, pre_nms_global
-from effdet_torch.preprocess import preprocess_image
-from effdet_torch.taps import record_taps
 
 __all__ = ["TapResult", "box_iou", "class_tie_result", "compare_detections", "golden_cases", "match_detections",
            "rel_tol", "run_golden", "strict_fp32", "write_json"]
@@ -62,23 +58,20 @@ class TapResult:
     passed: bool
     note: str = ""
 
+    def to_json(self) -> dict:
+        """JSON-ready: shape as a list, ``verdict``, non-finite numbers as null."""
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["verdict"] = "pass" if self.passed else "FAIL"
+        for k, v in d.items():
+            if isinstance(v, float) and not np.isfinite(v):
+                d[k] = None
+        return d
+
 
 def rel_tol(key: str) -> float:
     """The relative tolerance of a golden key (its case decides)."""
     return RANDOM_REL_TOL if key.split("/")[0] == "random" else REL_TOL
-
-
-def _tensor_result(key: str, ref: np.ndarray, ours: np.ndarray, note: str = "") -> TapResult:
-    ref = np.asarray(ref, np.float64)
-    ours = np.asarray(ours, np.float64)
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    tol = rel_tol(key) * (1.0 + scale)
-    if ref.shape != ours.shape:
-        return TapResult(key, tuple(ref.shape), float("inf"), float("inf"), tol, False,
-                         f"shape {tuple(ours.shape)} != official {tuple(ref.shape)}")
-    err = float(np.abs(ref - ours).max()) if ref.size else 0.0
-    ok = bool(np.isfinite(ours).all()) and err <= tol
-    return TapResult(key, tuple(ref.shape), err, err / scale if scale else err, tol, ok, note)
 
 
 def golden_cases(keys: list[str]) -> list[str]:
@@ -226,121 +219,27 @@ def run_golden(model: EfficientDet, npz_path: str | os.PathLike, image_size: tup
                seed: int = 1234, device: str | torch.device = "cpu") -> list[TapResult]:
     """Compare every tap of every case in ``npz_path``; see the module docstring for tolerances.
 
-    On CUDA the comparison runs in strict fp32 (no TF32), like the CPU recordings.
+    The same runner as ``effdet-parity compare --golden`` (:mod:`parity.compare`), on the golden's
+    own taps, in strict fp32 on CUDA and without the fp32-noise allowance. Cases whose official
+    heads lie in a sibling ``.npz`` of the same folder get the post-processing-only check too.
     """
-    with strict_fp32():
-        return _run_golden(model, npz_path, image_size, seed, device)
+    from .compare import compare_runs, run_ours  # compare builds on this module's rules
+    from .live import load_npz, sibling_heads
 
-
-def _run_golden(model: EfficientDet, npz_path: str | os.PathLike, image_size: tuple[int, int] | None,
-                seed: int, device: str | torch.device) -> list[TapResult]:
-    npz = np.load(npz_path)
-    keys = list(npz.keys())
-    model = model.to(device).eval()
-    cfg = model.config
-    results: list[TapResult] = []
-    hw = image_size
-    if hw is None:
-        for k in ("input/random", *[k for k in keys if k.endswith("_preprocessed")]):
-            if k in npz:
-                hw = tuple(npz[k].shape[1:3])
-                break
-        else:
-            hw = tuple(cfg.image_size)
-    det = Detector(model, hw)
-    anchors = det.anchors(hw)
-    if "anchors" in npz:
-        results.append(_tensor_result("anchors", npz["anchors"], anchors.cpu().numpy()))
-    for case in golden_cases(keys):
-        if case == "random":
-            if "input/random" in npz:
-                x_nhwc = npz["input/random"]
-            else:
-                x_nhwc = np.random.default_rng(seed).standard_normal((1, hw[0], hw[1], 3)).astype(np.float32)
-            x = torch.from_numpy(np.ascontiguousarray(x_nhwc)).permute(0, 3, 1, 2).contiguous().to(device)
-            scale, eval_scale = None, 1.0
-        else:
-            raw = npz[f"input/{case}_raw_uint8"]
-            x, s = preprocess_image(raw, hw, cfg.mean_rgb, cfg.stddev_rgb, device)
-            scale = eval_scale = float(s)
-            if f"input/{case}_preprocessed" in npz:
-                results.append(_tensor_result(f"input/{case}_preprocessed", npz[f"input/{case}_preprocessed"],
-                                              x.permute(0, 2, 3, 1).cpu().numpy()))
-            if f"{case}/image_scale" in npz:
-                results.append(_tensor_result(f"{case}/image_scale", npz[f"{case}/image_scale"], np.array([s])))
-        with torch.no_grad(), record_taps(model) as taps:
-            cls_out, box_out = model(x)
-        for name, t in taps.items():
-            key = f"{case}/{name}"
-            if key in npz:
-                results.append(_tensor_result(key, npz[key], t.permute(0, 2, 3, 1).cpu().numpy()))
-        cls, box = flatten_outputs(cls_out, box_out, cfg.num_classes)
-        boxes, scores, classes0 = pre_nms_global(cls, box, anchors)
-        if f"{case}/pre_nms/boxes" in npz:
-            results.append(_tensor_result(f"{case}/pre_nms/boxes", npz[f"{case}/pre_nms/boxes"], boxes[0].cpu().numpy()))
-        if f"{case}/pre_nms/scores" in npz:
-            results.append(_tensor_result(f"{case}/pre_nms/scores", npz[f"{case}/pre_nms/scores"], scores[0].cpu().numpy()))
-        if f"{case}/pre_nms/classes0" in npz:
-            ref_logits = None
-            lv = [f"{case}/class_net/level{l}" for l in cfg.levels]
-            if all(k in npz for k in lv):
-                ref_logits = np.concatenate([npz[k].reshape(-1, cfg.num_classes) for k in lv])
-            results.append(class_tie_result(f"{case}/pre_nms/classes0", npz[f"{case}/pre_nms/classes0"],
-                                             classes0[0].cpu().numpy(), ref_logits))
-        heads = _official_heads(npz, case, cfg, device, Path(npz_path))
-        if f"detections/{case}/scores" in npz:
-            d = postprocess_global(cfg, cls, box, anchors, hw, scale)
-            o = _np(postprocess_global(cfg, *heads, anchors, hw, scale)) if heads else None
-            results += compare_detections(f"detections/{case}", npz, _np(d), int(d.valid_len[0]), o)
-        if f"eval_detections/{case}/scores" in npz:
-            d = postprocess_per_class(cfg, cls, box, anchors, eval_scale)
-            o = _np(postprocess_per_class(cfg, *heads, anchors, eval_scale)) if heads else None
-            results += compare_detections(f"eval_detections/{case}", npz, _np(d), int(d.valid_len[0]), o)
-    compared = {r.key for r in results}
-    for k in keys:  # recorded inputs are not comparisons; anything else left over is reported
-        if k not in compared and not k.startswith("input/"):
-            results.append(TapResult(k, tuple(npz[k].shape), float("nan"), float("nan"), 0.0, False,
-                                     "not compared: no matching tap in this model"))
-    return results
-
-
-def _official_heads(npz, case: str, cfg, device, npz_path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The recorded official class/box outputs of ``case``, flattened like ours (or None).
-
-    ``tensors_chelsea.npz`` records eval detections of the random case computed from the heads
-    stored in a sibling file (``tensors.npz``); those are used when one is in the same folder.
-    """
-    key = f"{case}/class_net/level{cfg.min_level}"
-    if key not in npz:
-        siblings = [p for p in sorted(npz_path.parent.glob("*.npz")) if p != npz_path]
-        found = [z for z in map(np.load, siblings) if key in z]
-        if not found:
-            return None
-        npz = found[0]
-    try:
-        cls = np.concatenate([npz[f"{case}/class_net/level{l}"].reshape(1, -1, cfg.num_classes) for l in cfg.levels], 1)
-        box = np.concatenate([npz[f"{case}/box_net/level{l}"].reshape(1, -1, 4) for l in cfg.levels], 1)
-    except KeyError:
-        return None
-    return torch.from_numpy(cls).to(device), torch.from_numpy(box).to(device)
-
-
-def _np(d) -> dict[str, np.ndarray]:
-    return {"boxes": d.boxes[0].cpu().numpy(), "scores": d.scores[0].cpu().numpy(),
-            "classes": d.classes[0].cpu().numpy()}
+    ref = load_npz(npz_path)
+    with np.errstate(over="ignore", invalid="ignore"):  # random inputs may overflow box decoding
+        ours, heads, _ = run_ours(model, ref, image_size=image_size, device=device, detailed=False, seed=seed,
+                                  heads_ref=sibling_heads(Path(npz_path), ref))
+        stats = compare_runs(model, ref, ours, heads)
+    return stats
 
 
 def write_json(results: list[TapResult], path: str | os.PathLike) -> None:
     """One entry per compared npz key, keyed by that key."""
     data = {}
     for r in results:
-        e = asdict(r)
-        e.pop("key")
-        e["verdict"] = "pass" if r.passed else "FAIL"
-        for f in ("max_abs_err", "max_rel_err", "tolerance"):
-            if not np.isfinite(e[f]):
-                e[f] = None
-        data[r.key] = e
+        e = r.to_json()
+        data[e.pop("key")] = e
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)

@@ -68,7 +68,7 @@ def format_table(stats: list[TapStat], color: bool = False, only_failures: bool 
     """One line per tap: name, shape, max abs err, max rel err, cosine, tolerance, verdict."""
     first = first_divergence(stats)
     rows = [s for s in stats if not (only_failures and s.passed)]
-    w = max([len(s.name) for s in rows] + [4])
+    w = max([len(s.key) for s in rows] + [4])
     red, yellow, reset = ("\033[31m", "\033[33;1m", "\033[0m") if color else ("", "", "")
     head = (f"{'#':>4}  {'tap':<{w}}  {'shape':<16}  {'max abs err':>11}  {'max rel err':>11}  "
             f"{'cosine':>11}  {'tolerance':>9}  verdict")
@@ -78,7 +78,7 @@ def format_table(stats: list[TapStat], color: bool = False, only_failures: bool 
         verdict = "pass" if s.passed else "FAIL"
         if s.passed and s.note.startswith("fp32 noise"):
             verdict = "pass*"
-        line = (f"{i:>4}  {s.name:<{w}}  {_shape(s.shape):<16}  {_fmt(s.max_abs_err, '11.3e')}  "
+        line = (f"{i:>4}  {s.key:<{w}}  {_shape(s.shape):<16}  {_fmt(s.max_abs_err, '11.3e')}  "
                 f"{_fmt(s.max_rel_err, '11.2e')}  {_cos(s.cosine):>11}  {_fmt(s.tolerance, '9.2e')}  {verdict}")
         if s is first:
             line = f"{yellow}{line}  <-- first divergence{reset}"
@@ -107,7 +107,7 @@ def format_summary(report: Report) -> str:
         lines.append(f"PASS: {len(report.stats)} taps compared, all within tolerance")
     else:
         lines.append(f"FAIL: {n_fail} of {len(report.stats)} taps out of tolerance")
-        lines.append(f"first divergence: {first.name}  (err {_fmt(first.max_abs_err)} > tol {_fmt(first.tolerance)})")
+        lines.append(f"first divergence: {first.key}  (err {_fmt(first.max_abs_err)} > tol {_fmt(first.tolerance)})")
         lines.append(f"  ours:     {first.module or '?'}")
         lines.append(f"  official: {first.official or '?'}")
         if first.note:
@@ -130,14 +130,14 @@ def _report_dict(report: Report) -> dict:
         "passed": report.passed,
         "n_taps": len(report.stats),
         "n_failed": sum(not s.passed for s in report.stats),
-        "first_divergence": first.to_json() if first else None,
+        "first_divergence": _tap_json(first) if first else None,
         "families": [
             {"family": f.family, "n": f.n, "n_failed": f.n_failed,
              "max_abs_err": f.max_abs_err if np.isfinite(f.max_abs_err) else None, "worst_tap": f.worst_tap,
              "max_err_over_tol": f.max_ratio if np.isfinite(f.max_ratio) else None, "min_cosine": f.min_cosine}
             for f in family_summary(report.stats)
         ],
-        "taps": [s.to_json() for s in report.stats],
+        "taps": [_tap_json(s) for s in report.stats],
         "timings_s": report.timings,
         "meta": report.meta,
         "notes": report.notes,
@@ -151,6 +151,12 @@ def _report_dict(report: Report) -> dict:
                           "the official heads decides; end-to-end reported beside it)",
         },
     }
+
+
+def _tap_json(s: TapStat) -> dict:
+    """A tap of report.json: its key under ``name`` (the report's schema), then the rest."""
+    d = s.to_json()
+    return {"name": d.pop("key"), **d}
 
 
 def write_json(report: Report, path: str | os.PathLike) -> None:
@@ -199,7 +205,7 @@ def error_chart_png(stats: list[TapStat], width: int = 1100, height: int = 260) 
         if s is first:
             d.polygon([(x0 + bw / 2, top + ph + 4), (x0 + bw / 2 - 5, top + ph + 14), (x0 + bw / 2 + 5, top + ph + 14)],
                       fill=(215, 38, 56))
-            d.text((min(x0, width - 200), top + ph + 15), f"first divergence: {s.name}", fill=(215, 38, 56))
+            d.text((min(x0, width - 200), top + ph + 15), f"first divergence: {s.key}", fill=(215, 38, 56))
     d.text((left, 0), "log10(max abs err / tolerance) per tap, in execution order", fill=(60, 60, 60))
     buf = io.BytesIO()
     img.save(buf, "PNG")
@@ -251,7 +257,7 @@ def write_html(report: Report, path: str | os.PathLike) -> None:
     p.append("</table>")
     if first is not None:
         p.append("<div class='box bad'><b>First divergence:</b> "
-                 f"<code>{e(first.name)}</code> — max abs err {_fmt(first.max_abs_err)} &gt; tolerance "
+                 f"<code>{e(first.key)}</code> — max abs err {_fmt(first.max_abs_err)} &gt; tolerance "
                  f"{_fmt(first.tolerance)} (cosine {_cos(first.cosine)})<br>"
                  f"produced by ours: <code>{e(first.module or '?')}</code>; official: <code>{e(first.official or '?')}</code>"
                  + (f"<br>{e(first.note)}" if first.note else "") + "</div>")
@@ -277,7 +283,7 @@ def write_html(report: Report, path: str | os.PathLike) -> None:
         noise = s.passed and s.note.startswith("fp32 noise")
         v = ("<span class='noise'>pass*</span>" if noise else "<span class='pass'>pass</span>") if s.passed \
             else "<span class='fail'>FAIL</span>"
-        p.append(f"<tr{rc}><td>{i}</td><td class='l'><code>{e(s.name)}</code></td><td class='l'>{_shape(s.shape)}</td>"
+        p.append(f"<tr{rc}><td>{i}</td><td class='l'><code>{e(s.key)}</code></td><td class='l'>{_shape(s.shape)}</td>"
                  f"<td>{_fmt(s.max_abs_err, '.3e')}</td><td>{_fmt(s.max_rel_err)}</td><td>{_cos(s.cosine)}</td>"
                  f"<td>{_fmt(s.tolerance)}</td><td>{v}</td><td class='l'><code>{e(s.module)}</code></td>"
                  f"<td class='l'><code>{e(s.official)}</code></td><td class='l'>{e(s.note)}</td></tr>")

@@ -111,7 +111,7 @@ def test_tensor_stat_rules():
 def test_compare_and_report_on_golden(d0, golden_random, tmp_path):
     stats, ours = compare_against(d0, golden_random)
     assert stats and all(s.passed for s in stats), format_table(stats, only_failures=True)
-    names = [s.name for s in stats]
+    names = [s.key for s in stats]
     assert names.index("random/backbone/level3") < names.index("random/fpn/cell0/level3") < names.index(
         "random/class_net/level3") < names.index("random/pre_nms/boxes") < names.index("detections/random/boxes")
     assert all(s.cosine is None or s.cosine > 0.999999 for s in stats)
@@ -178,13 +178,13 @@ def test_broken_model_flagged_at_the_right_tap(name, d0, detailed_reference, gol
     brk(broken)
     stats, _ = compare_against(broken, detailed_reference, strict=True)
     first = first_divergence(stats)
-    assert first is not None and first.name == want and first.module == module
+    assert first is not None and first.key == want and first.module == module
     assert first.max_abs_err > 5 * first.tolerance  # flagged by a wide margin, not by noise
     # everything before it passes: the harness localises, it does not just fail
     assert all(s.passed for s in stats[: stats.index(first)])
     # against the official golden (coarse taps only) the first divergence is the enclosing output
     stats_g, _ = compare_against(broken, golden_random, strict=True)
-    assert first_divergence(stats_g).name == want_coarse
+    assert first_divergence(stats_g).key == want_coarse
     if name == "padding_flipped":  # the report names and highlights it
         rep = Report("efficientdet-d0", "golden", "detailed reference", "synthetic", stats, (256, 256), ["random"])
         text = format_summary(rep)

@@ -56,7 +56,7 @@ def chelsea_png(tmp_path_factory) -> Path:
 
 def _assert_parity(stats, what: str) -> None:
     first = first_divergence(stats)
-    assert first is None, (f"{what}: first divergence {first.name} ({first.module} / {first.official})\n"
+    assert first is None, (f"{what}: first divergence {first.key} ({first.module} / {first.official})\n"
                            + format_table(stats, only_failures=True))
 
 
@@ -88,7 +88,7 @@ def test_live_synthetic_checkpoint(official, synth_ckpt_dir, chelsea_png, varian
     model = create_model(variant, checkpoint=ckpt, image_size=256)
     stats, _ = compare_against(model, run.tensors, layer_paths=meta["layer_paths"])
     _assert_parity(stats, variant)
-    names = {s.name for s in stats}
+    names = {s.key for s in stats}
     assert {"random/backbone/block15", "chelsea/fpn/cell2/fnode7", "chelsea/class_net/repeat2/level7",
             "detections/chelsea/boxes", "eval_detections/random/generate_detections"} <= names
 
