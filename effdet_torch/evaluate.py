@@ -38,7 +38,7 @@ from .anchors import generate_anchors
 from .coco import rows_to_array
 from .config import EfficientDetConfig
 from .model import EfficientDet
-from .postprocess import flatten_outputs, postprocess_per_class
+from .postprocess import flatten_outputs, postprocess_per_class, reduce_candidates
 
 __all__ = [
     "DistInfo",
@@ -55,22 +55,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # Exact candidate reduction and the per-image post-processing
-
-
-def reduce_candidates(cls: Tensor, box: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One image's ``cls [N, C]`` logits and ``box [N, 4]`` codes → the rows of every anchor holding
-    a pair ``>=`` the ``k``-th largest logit: ``(anchor_index [M], cls [M, C], box [M, 4])``.
-
-    Feeding these rows (and ``anchors[anchor_index]``) to ``postprocess_per_class`` gives exactly
-    the detections of the full tensors (see the module docstring). Runs on ``cls``'s device.
-    """
-    n, c = cls.shape
-    if n * c <= k:
-        idx = torch.arange(n, device=cls.device)
-    else:
-        kth = torch.topk(cls.reshape(-1), k, sorted=False).values.min()
-        idx = torch.nonzero((cls >= kth).any(dim=1)).reshape(-1)
-    return idx, cls.index_select(0, idx), box.index_select(0, idx)
 
 
 def postprocess_reduced(cfg: EfficientDetConfig, image_id: int, scale: float, cls: np.ndarray, box: np.ndarray,

@@ -21,7 +21,8 @@ from .anchors import decode_boxes
 from .config import EfficientDetConfig
 from .nms import non_max_suppression_v5
 
-__all__ = ["Detections", "flatten_outputs", "postprocess_global", "postprocess_per_class", "pre_nms_global"]
+__all__ = ["Detections", "flatten_outputs", "postprocess_global", "postprocess_per_class", "pre_nms_global",
+           "reduce_candidates"]
 
 
 @dataclass
@@ -120,24 +121,41 @@ def _top_k_stable(values: np.ndarray, k: int) -> np.ndarray:
     return cand[order][:k]
 
 
+def reduce_candidates(cls: Tensor, box: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One image's ``cls [N, C]`` logits and ``box [N, 4]`` codes → the rows of every anchor holding
+    a pair ``>=`` the ``k``-th largest logit: ``(anchor_index [M], cls [M, C], box [M, 4])``.
+
+    Exact for the top-``k`` selection (rows keep their order, so ties still go to the lower index);
+    runs on ``cls``'s device, so only ``M ≪ N`` rows need to leave it.
+    """
+    n, c = cls.shape
+    if n * c <= k:
+        idx = torch.arange(n, device=cls.device)
+    else:
+        kth = torch.topk(cls.reshape(-1), k, sorted=False).values.min()
+        idx = torch.nonzero((cls >= kth).any(dim=1)).reshape(-1)
+    return idx, cls.index_select(0, idx), box.index_select(0, idx)
+
+
 def postprocess_per_class(cfg: EfficientDetConfig, cls: Tensor, box: Tensor, anchors: Tensor,
                           image_scale: Tensor | float | None = None) -> Detections:
     """The official COCO-eval path (per-class soft-NMS over the top ``eval_max_nms_inputs`` pairs)."""
     b, n, c = cls.shape
     k = cfg.max_detections
-    cls_np = cls.detach().float().cpu().numpy().reshape(b, n * c)
     out_boxes = np.zeros((b, k, 4), np.float32)
     out_scores = np.zeros((b, k), np.float32)
     out_classes = np.zeros((b, k), np.float32)
     valid = np.zeros((b,), np.int64)
     scales = _as_scales(image_scale, b)
     for i in range(b):
-        top = _top_k_stable(cls_np[i], cfg.eval_max_nms_inputs)
+        rows, cls_i, box_i = reduce_candidates(cls[i].detach(), box[i].detach(), cfg.eval_max_nms_inputs)
+        cls_np = cls_i.float().cpu().numpy().reshape(-1)
+        top = _top_k_stable(cls_np, cfg.eval_max_nms_inputs)
         anchor_idx, class_idx = top // c, top % c
-        dec = decode_boxes(box[i, torch.from_numpy(anchor_idx).to(box.device)],
-                           anchors[torch.from_numpy(anchor_idx).to(anchors.device)])
+        pick = torch.from_numpy(anchor_idx).to(box_i.device)
+        dec = decode_boxes(box_i.float()[pick], anchors[rows.to(anchors.device)][pick.to(anchors.device)])
         dec = dec.detach().float().cpu().numpy()
-        scores = torch.sigmoid(torch.from_numpy(cls_np[i][top])).numpy()
+        scores = torch.sigmoid(torch.from_numpy(cls_np[top])).numpy()
         all_boxes, all_scores, all_classes = [], [], []
         for cid in range(c):
             m = np.nonzero(class_idx == cid)[0]
