@@ -32,9 +32,16 @@ class HeadNet(nn.Module):
             [nn.ModuleList([BatchNorm2d(in_ch) for _ in self.levels]) for _ in range(repeats)]
         )
         self.act = create_act(act_type)
-        self.predict = SeparableConv2d(in_ch, num_anchors * out_per_anchor, 3)
-        if kind == "class":  # training init only (prior 0.01); converted weights overwrite it
-            nn.init.constant_(self.predict.conv_pw.bias, -math.log((1 - 0.01) / 0.01))
+        self.num_anchors = num_anchors
+        self.predict = self.make_predict(in_ch, out_per_anchor)
+
+    def make_predict(self, in_ch: int, out_per_anchor: int) -> SeparableConv2d:
+        """The shared predict conv; the class head's bias starts at the 0.01 prior (training init
+        only, converted weights overwrite it)."""
+        predict = SeparableConv2d(in_ch, self.num_anchors * out_per_anchor, 3)
+        if self.kind == "class":
+            nn.init.constant_(predict.conv_pw.bias, -math.log((1 - 0.01) / 0.01))
+        return predict
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         outs = []

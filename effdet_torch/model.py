@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -53,14 +54,10 @@ class EfficientDet(nn.Module):
 
     def reset_class_head(self, num_classes: int) -> None:
         """Replace the class predictor for ``num_classes`` (fine-tuning on another label set)."""
-        cfg = self.config
-        old = self.class_net.predict
-        new = HeadNet("class", cfg.fpn_channels, 1, cfg.levels, cfg.num_anchors, num_classes, cfg.act_type).predict
-        new.to(device=old.conv_pw.weight.device, dtype=old.conv_pw.weight.dtype)
-        self.class_net.predict = new
-        from dataclasses import replace
-
-        self.config = replace(cfg, num_classes=num_classes)
+        old = self.class_net.predict.conv_pw.weight
+        new = self.class_net.make_predict(self.config.fpn_channels, num_classes)
+        self.class_net.predict = new.to(device=old.device, dtype=old.dtype)
+        self.config = replace(self.config, num_classes=num_classes)
 
 
 def _is_state_dict_file(path: str) -> bool:

@@ -13,7 +13,6 @@ details a generic soft-NMS does not share, so this module reproduces the op's co
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import heapq
 
 import numpy as np
@@ -29,12 +28,13 @@ def _load_expf():
     rounded) — enough to flip which of two tied boxes is selected. Where no C library is found,
     the float64 fallback is used.
     """
-    name = ctypes.util.find_library("m") or ("libm.so.6" if ctypes.util.find_library("c") else None)
-    try:
-        lib = ctypes.CDLL(name) if name else None
-        fn = lib.expf if lib is not None else None
-    except (OSError, AttributeError):
-        fn = None
+    fn = None
+    for lib in ("libm.so.6", None):  # glibc's libm; else the symbols already loaded (libSystem on macOS)
+        try:
+            fn = ctypes.CDLL(lib).expf
+            break
+        except (OSError, AttributeError):
+            continue
     if fn is None:
         return lambda a: np.exp(np.asarray(a, np.float64)).astype(np.float32)
     fn.restype = ctypes.c_float
