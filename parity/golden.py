@@ -1,30 +1,18 @@
 """Golden check: run the converted model on the inputs of an official golden ``.npz`` and compare
-every recorded tap.
+every recorded key by the rules of :mod:`parity.rules` (one rule for every command and test).
 
-Tolerances (and why):
-- tensors (backbone … box_net, anchors, pre-NMS boxes/scores, preprocessed input):
-  ``|ours - official| <= r · (1 + max|official|)`` with ``r = 1e-4`` for image cases and
-  ``r = 3e-4`` for the ``random`` case. fp32 through a deep net accumulates ~1e-4 relative (op
-  order, fused kernels; the official graph vs eager mode alone moves logits by 7e-4). The random
-  case (N(0,1) noise fed as a normalised image) amplifies rounding most: measured against exact
-  (fp64) arithmetic, the OFFICIAL fp32 taps themselves deviate by up to 1.24e-4 relative (d1,
-  box_net/level7) and ours by 0.84e-4, so two correct fp32 implementations may differ by ~2.1e-4
-  there; on images the official deviates by ≤ 7.5e-5 (lite0, relu6) and ≤ 7e-6 (d0, d1). A
-  conversion mistake is 1e4 times larger (raw instead of EMA weights: 8.2 on the class logits);
-- ``pre_nms/classes0``: equal, except where the two classes' OFFICIAL logits differ by less than the
-  class-logit tolerance (an argmax near-tie that fp32 noise may flip);
-- detections (inference and COCO-eval paths): matched one to one with the same class and
-  ``|Δscore| <= 1e-5``; only rows whose official score lies within 1e-5 of the last kept score may
-  differ (ties at the cut-off); ``valid_len`` equal. Two checks:
-  * our post-processing fed the OFFICIAL class/box outputs (when the file holds them): IoU ≥ 0.9999
-    for every pair — this isolates pre-NMS, soft-NMS, clipping and scaling, and decides the verdict;
-  * end to end (our network), reported beside it, and deciding the verdict when the official heads
-    are absent: IoU ≥ 0.9999 or every coordinate within the box tolerance
-    ``1e-4 · (1 + max|official box|)``. IoU alone is ill-conditioned here: boxes clipped to
-    slivers (0.3 px wide) lose 1e-4 IoU to a 6e-5 px shift, and on the random input fp32 rounding
-    alone moves box codes by ~1.6e-4 — measured: our fp32 vs our fp64 differs as much as TF fp32
-    vs our fp64, so no fp32 implementation meets IoU ≥ 0.9999 there, and soft-NMS turns such box
-    shifts into decayed-score differences above 1e-5. The image cases pass it (tests assert so).
+- fp32 goldens (``shared/golden/<variant>/``): tensors within ``max(1e-4·(1 + max|official|),
+  3·gap32)`` where ``gap32`` is our own fp32-vs-fp64 difference at the tap (a float64 copy of our
+  model on the same input); ``pre_nms/classes0`` equal except argmax near-ties (official logit gap
+  within the class-logit bound); detections matched one to one — our post-processing fed the
+  OFFICIAL heads strictly (same class, ``|Δscore| <= 1e-5``, IoU ≥ 0.9999; it is bit-exact), and end
+  to end with the noise-aware gates of :mod:`parity.rules`; both decide.
+- float64 goldens (``shared/golden/fp64/``, recognised by the dtype of their inputs): our model runs
+  in float64 on the recorded inputs; tensors within ``max(2**-50·(1 + max|official|), 10·noise64)``.
+
+Every key of the file gets a result; inputs we are fed pass as *fed*. A deliberately broken model
+(a BN epsilon, a flipped SAME pad, a fusion epsilon, an off-by-one nearest upsample) fails both rules
+by orders of magnitude (``tests/test_fp64_parity.py``).
 """
 from __future__ import annotations
 
@@ -39,13 +27,11 @@ import torch
 
 from effdet_torch.model import EfficientDet
 
-__all__ = ["TapResult", "box_iou", "class_tie_result", "compare_detections", "golden_cases", "match_detections",
-           "rel_tol", "run_golden", "strict_fp32", "write_json"]
+from .rules import DETECTION_NOISE_FACTOR, IOU_MIN, NOISE_FACTOR, REL_TOL, SCORE_TOL
 
-REL_TOL = 1e-4  # image cases
-RANDOM_REL_TOL = 3e-4  # the N(0,1) 'random' case (see the module docstring for the measurement)
-SCORE_TOL = 1e-5
-IOU_MIN = 0.9999
+__all__ = ["TapResult", "box_iou", "class_tie_result", "compare_detections", "detection_noise", "golden_cases", "match_detections",
+           "run_golden", "strict_fp32", "write_json"]
+
 
 
 @dataclass
@@ -57,6 +43,13 @@ class TapResult:
     tolerance: float
     passed: bool
     note: str = ""
+    noise: float | None = None  # our measured rounding noise here (fp32-vs-fp64 gap, or float64 noise)
+    noise_tol: float | None = None  # the noise allowance it gives (see parity.rules)
+
+    @property
+    def bound(self) -> float:
+        """The bound the error was judged against: the larger of the rule and the noise allowance."""
+        return max(self.tolerance, self.noise_tol or 0.0)
 
     def to_json(self) -> dict:
         """JSON-ready: shape as a list, ``verdict``, non-finite numbers as null."""
@@ -69,20 +62,17 @@ class TapResult:
         return d
 
 
-def rel_tol(key: str) -> float:
-    """The relative tolerance of a golden key (its case decides)."""
-    return RANDOM_REL_TOL if key.split("/")[0] == "random" else REL_TOL
-
-
 def golden_cases(keys: list[str]) -> list[str]:
-    """Input cases of a golden file: 'random' and every image with an ``input/<name>_raw_uint8``."""
+    """Input cases of a golden file: 'random', every image with an ``input/<name>_raw_uint8`` and every
+    preprocessed input without one (``input/<name>_preprocessed``, as the float64 recordings store it)."""
     cases = []
     if any(k == "input/random" or k.startswith(("random/", "detections/random/", "eval_detections/random/"))
            for k in keys):
         cases.append("random")
-    cases += sorted(k[len("input/"):-len("_raw_uint8")] for k in keys
-                    if k.startswith("input/") and k.endswith("_raw_uint8"))
-    return cases
+    images = {k[len("input/"):-len("_raw_uint8")] for k in keys if k.startswith("input/") and k.endswith("_raw_uint8")}
+    images |= {k[len("input/"):-len("_preprocessed")] for k in keys
+               if k.startswith("input/") and k.endswith("_preprocessed")}
+    return cases + sorted(images)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,15 +85,16 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union)
 
 
-def match_detections(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray], box_tol: float | None = None) -> dict:
+def match_detections(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray], box_tol: float | None = None,
+                     score_tol: float = SCORE_TOL) -> dict:
     """Match official and our valid detection rows one to one (see the module docstring).
 
     ``ref``/``ours``: ``boxes [K, 4]``, ``scores [K]``, ``classes [K]`` (valid rows only).
-    A pair needs the same class, ``|Δscore| <= 1e-5`` and IoU ≥ 0.9999 — or, when ``box_tol`` is
+    A pair needs the same class, ``|Δscore| <= score_tol`` and IoU ≥ 0.9999 — or, when ``box_tol`` is
     given, every coordinate within ``box_tol`` (IoU is ill-conditioned for boxes clipped to slivers
     and for the fp32 noise that the random input amplifies; see the module docstring).
     Returns ``pairs`` [(i_ref, j_ours, iou)], ``bad_ref``/``bad_ours`` (unmatched rows that are
-    not ties at the cut-off) and ``ties`` (unmatched rows excused as ties).
+    not ties at the cut-off: within ``score_tol`` of the last kept score) and ``ties``.
     """
     rb, rs, rc = (np.asarray(ref[k], np.float64) for k in ("boxes", "scores", "classes"))
     ob, os_, oc = (np.asarray(ours[k], np.float64) for k in ("boxes", "scores", "classes"))
@@ -111,7 +102,7 @@ def match_detections(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray], bo
     pairs, unmatched_ref = [], []
     for i in range(len(rs)):
         best, best_iou = -1, -1.0
-        for j in np.nonzero((~used) & (oc == rc[i]) & (np.abs(os_ - rs[i]) <= SCORE_TOL))[0]:
+        for j in np.nonzero((~used) & (oc == rc[i]) & (np.abs(os_ - rs[i]) <= score_tol))[0]:
             iou = box_iou(rb[i], ob[j])
             if iou > best_iou:
                 best, best_iou = j, iou
@@ -122,12 +113,36 @@ def match_detections(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray], bo
         else:
             unmatched_ref.append(i)
     last = rs[-1] if len(rs) else 0.0
-    tie = lambda s: abs(s - last) <= SCORE_TOL  # noqa: E731
+    tie = lambda s: abs(s - last) <= score_tol  # noqa: E731
     bad_ref = [i for i in unmatched_ref if not tie(rs[i])]
     unmatched_ours = [j for j in range(len(os_)) if not used[j]]
     bad_ours = [j for j in unmatched_ours if not tie(os_[j])]
     ties = [i for i in unmatched_ref if tie(rs[i])] + [j for j in unmatched_ours if tie(os_[j])]
     return {"pairs": pairs, "bad_ref": bad_ref, "bad_ours": bad_ours, "ties": ties}
+
+
+def detection_noise(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, float]:
+    """``(max |Δscore|, max |Δbox coordinate|)`` between two detection lists of OUR post-processing on
+    our fp32 heads (``a``) and on our float64 heads rounded to fp32 (``b``): the fp32 noise of the
+    detections. Rows are paired greedily by class and best IoU (> 0.5), highest score first; rows
+    without a partner (ties at the cut-off) do not count."""
+    ab, as_, ac = (np.asarray(a[k], np.float64) for k in ("boxes", "scores", "classes"))
+    bb, bs, bc = (np.asarray(b[k], np.float64) for k in ("boxes", "scores", "classes"))
+    used = np.zeros(len(bs), bool)
+    ds = db = 0.0
+    for i in range(len(as_)):
+        cand = np.nonzero((~used) & (bc == ac[i]))[0]
+        if not len(cand):
+            continue
+        ious = [box_iou(ab[i], bb[j]) for j in cand]
+        k = int(np.argmax(ious))
+        if ious[k] <= 0.5:
+            continue
+        j = cand[k]
+        used[j] = True
+        ds = max(ds, abs(as_[i] - bs[j]))
+        db = max(db, float(np.abs(ab[i] - bb[j]).max()))
+    return ds, db
 
 
 def _describe(m: dict) -> str:
@@ -141,38 +156,45 @@ def _describe(m: dict) -> str:
 
 
 def compare_detections(prefix: str, npz, ours: dict[str, np.ndarray], ours_n: int,
-                        on_official_heads: dict[str, np.ndarray] | None = None) -> list[TapResult]:
-    """End-to-end rows (``ours``) matched with the box tolerance; ``on_official_heads`` (our
-    post-processing fed the OFFICIAL class/box outputs) matched strictly (IoU ≥ 0.9999)."""
+                        on_official_heads: dict[str, np.ndarray] | None = None,
+                        noise: tuple[float, float] | None = None) -> list[TapResult]:
+    """Detections of ``prefix`` (``detections/<case>`` or ``eval_detections/<case>``).
+
+    ``on_official_heads`` (our post-processing fed the OFFICIAL class/box outputs) must match strictly
+    (same class, ``|Δscore| <= 1e-5``, IoU ≥ 0.9999): the post-processing is bit-exact, so this has no
+    noise. End to end (``ours``: our network) the same matching runs with the noise-aware gates
+    ``score: max(1e-5, 6·σ_score)``, ``box: max(1e-4·(1 + max|box|), 6·σ_box)`` where ``noise =
+    (σ_score, σ_box)`` is our own detections' fp32 noise (:func:`detection_noise`); both decide.
+    """
     ref_n = int(npz[f"{prefix}/valid_len"])
     ref = {k: npz[f"{prefix}/{k}"][:ref_n] for k in ("boxes", "scores", "classes")}
     mine = {k: ours[k][:ours_n] for k in ("boxes", "scores", "classes")}
-    r_tol = rel_tol(prefix.split("/", 1)[1])  # the case (random or an image) sets the tolerance
-    box_tol = r_tol * (1 + float(np.abs(ref["boxes"]).max())) if ref_n else 0.0
-    m = match_detections(ref, mine, box_tol)
-    e2e_ok = not m["bad_ref"] and not m["bad_ours"]
+    box_rule = REL_TOL * (1 + float(np.abs(ref["boxes"]).max())) if ref_n else 0.0
+    s_noise, b_noise = noise if noise is not None else (None, None)
+    score_tol = max(SCORE_TOL, DETECTION_NOISE_FACTOR * s_noise) if s_noise is not None else SCORE_TOL
+    box_tol = max(box_rule, DETECTION_NOISE_FACTOR * b_noise) if b_noise is not None else box_rule
+    m = match_detections(ref, mine, box_tol, score_tol)
+    ok = not m["bad_ref"] and not m["bad_ours"]
     note = "end-to-end: " + _describe(m)
+    if noise is not None:
+        note += f" (gates: score {score_tol:.1e}, box {box_tol:.1e}; fp32 noise {s_noise:.1e} / {b_noise:.1e})"
     if on_official_heads is not None:
         strict = match_detections(ref, on_official_heads)
-        ok = not strict["bad_ref"] and not strict["bad_ours"]
+        ok = ok and not strict["bad_ref"] and not strict["bad_ours"]
         note = "on the official heads: " + _describe(strict) + "; " + note
-        if not e2e_ok:
-            note += " (advisory: fp32 noise of the network, within the tap tolerances, moves soft-NMS)"
-    else:
-        ok = e2e_ok
     pi = np.array([p[0] for p in m["pairs"]], int)
     pj = np.array([p[1] for p in m["pairs"]], int)
     out = []
-    for k, tol in (("boxes", None), ("scores", SCORE_TOL), ("classes", 0.0)):
+    for k, tol, nz in (("boxes", box_rule, b_noise), ("scores", SCORE_TOL, s_noise), ("classes", 0.0, None)):
         key = f"{prefix}/{k}"
         if key not in npz:
             continue
         r, o = np.asarray(ref[k], np.float64)[pi], np.asarray(mine[k], np.float64)[pj]
         err = float(np.abs(r - o).max()) if len(pi) else 0.0
         scale = float(np.abs(ref[k]).max()) if ref_n else 0.0
-        t = r_tol * (1 + scale) if tol is None else tol
-        out.append(TapResult(key, tuple(npz[key].shape), err, err / scale if scale else err, t,
-                             ok and err <= t, note))
+        n_tol = DETECTION_NOISE_FACTOR * nz if nz is not None else None
+        out.append(TapResult(key, tuple(npz[key].shape), err, err / scale if scale else err, tol,
+                             ok and err <= max(tol, n_tol or 0.0), note, noise=nz, noise_tol=n_tol))
     if f"{prefix}/valid_len" in npz:
         out.append(TapResult(f"{prefix}/valid_len", (), float(abs(ref_n - ours_n)), 0.0, 0.0,
                              ref_n == ours_n or ok, f"official {ref_n}, ours {ours_n}"))
@@ -186,22 +208,30 @@ def compare_detections(prefix: str, npz, ours: dict[str, np.ndarray], ours_n: in
                                np.asarray(mine["classes"], np.float64)[:, None]], 1)
         err = float(np.abs(g[pi] - rows[pj]).max()) if len(pi) else 0.0
         scale = float(np.abs(g).max()) if len(g) else 0.0
-        t = r_tol * (1 + scale)
-        out.append(TapResult(gkey, tuple(npz[gkey].shape), err, err / scale if scale else err, t, ok and err <= t, note))
+        t = REL_TOL * (1 + scale)
+        n_tol = DETECTION_NOISE_FACTOR * max(s_noise, b_noise) if noise is not None else None
+        out.append(TapResult(gkey, tuple(npz[gkey].shape), err, err / scale if scale else err, t,
+                             ok and err <= max(t, n_tol or 0.0), note, noise=None if noise is None else
+                             max(s_noise, b_noise), noise_tol=n_tol))
     return out
 
 
-def class_tie_result(key: str, ref_cls0: np.ndarray, our_cls0: np.ndarray, ref_logits: np.ndarray | None) -> TapResult:
+def class_tie_result(key: str, ref_cls0: np.ndarray, our_cls0: np.ndarray, ref_logits: np.ndarray | None,
+                     logit_noise: float | None = None) -> TapResult:
+    """``pre_nms/classes0``: equal, except argmax near-ties — rows whose two classes' OFFICIAL logits
+    differ by less than the class-logit bound (``max(1e-4·(1 + max|logit|), 3·gap32 of the logits)``)."""
     diff = np.nonzero(ref_cls0.astype(np.int64) != our_cls0.astype(np.int64))[0]
     if ref_logits is None:
         return TapResult(key, ref_cls0.shape, float(len(diff)), 0.0, 0.0, len(diff) == 0, f"{len(diff)} differ")
-    tol = rel_tol(key) * (1 + float(np.abs(ref_logits).max()))
+    tol = max(REL_TOL * (1 + float(np.abs(ref_logits).max())),
+              NOISE_FACTOR * logit_noise if logit_noise is not None else 0.0)
     rows = ref_logits[diff]
     gaps = np.abs(rows[np.arange(len(diff)), ref_cls0[diff].astype(int)] - rows[np.arange(len(diff)), our_cls0[diff].astype(int)])
     ok = bool((gaps <= tol).all())
     return TapResult(key, ref_cls0.shape, float(len(diff)), 0.0, 0.0, ok,
                      f"{len(diff)} argmax flips, all near-ties (official logit gap <= {tol:.2e})" if ok
-                     else f"{int((gaps > tol).sum())} class differences that are not near-ties")
+                     else f"{int((gaps > tol).sum())} class differences that are not near-ties (logit gap > {tol:.2e})",
+                     noise=logit_noise)
 
 
 @contextmanager
@@ -217,20 +247,18 @@ def strict_fp32():
 
 def run_golden(model: EfficientDet, npz_path: str | os.PathLike, image_size: tuple[int, int] | None = None,
                seed: int = 1234, device: str | torch.device = "cpu") -> list[TapResult]:
-    """Compare every tap of every case in ``npz_path``; see the module docstring for tolerances.
-
-    The same runner as ``effdet-parity compare --golden`` (:mod:`parity.compare`), on the golden's
-    own taps, in strict fp32 on CUDA and without the fp32-noise allowance. Cases whose official
-    heads lie in a sibling ``.npz`` of the same folder get the post-processing-only check too.
+    """Compare every key of the golden ``npz_path`` (fp32 or float64) by the rules of
+    :mod:`parity.rules`, with our noise measured: the runner of ``effdet-parity compare``
+    (:func:`parity.compare.compare_reference`) on the golden's own taps, in strict fp32 on CUDA.
+    Cases whose official heads lie in a sibling ``.npz`` of the same folder get the
+    post-processing-only check too.
     """
-    from .compare import compare_runs, run_ours  # compare builds on this module's rules
+    from .compare import compare_reference  # compare builds on this module's rules
     from .live import load_npz, sibling_heads
 
     ref = load_npz(npz_path)
-    with np.errstate(over="ignore", invalid="ignore"):  # random inputs may overflow box decoding
-        ours, heads, _ = run_ours(model, ref, image_size=image_size, device=device, detailed=False, seed=seed,
-                                  heads_ref=sibling_heads(Path(npz_path), ref))
-        stats = compare_runs(model, ref, ours, heads)
+    stats, _ = compare_reference(model, ref, image_size=image_size, device=device, detailed=False, seed=seed,
+                                 heads_ref=sibling_heads(Path(npz_path), ref))
     return stats
 
 
@@ -246,11 +274,15 @@ def write_json(results: list[TapResult], path: str | os.PathLike) -> None:
 
 
 def format_results(results: list[TapResult]) -> str:
+    """A row per key: max abs error, relative error, the rule's tolerance, the measured noise and the
+    allowance it gives (see :mod:`parity.rules`), verdict, note."""
     w = max([len(r.key) for r in results] + [10])
-    lines = [f"{'tap':<{w}}  {'max abs err':>11}  {'rel err':>9}  {'tolerance':>9}  verdict  note"]
+    f = lambda v: "—" if v is None else f"{v:.2e}"  # noqa: E731
+    lines = [f"{'tap':<{w}}  {'max abs err':>11}  {'rel err':>9}  {'rule tol':>9}  {'noise':>9}  {'noise tol':>9}  "
+             "verdict  note"]
     for r in results:
         lines.append(f"{r.key:<{w}}  {r.max_abs_err:>11.3e}  {r.max_rel_err:>9.2e}  {r.tolerance:>9.2e}  "
-                     f"{'pass' if r.passed else 'FAIL':<7}  {r.note}")
+                     f"{f(r.noise):>9}  {f(r.noise_tol):>9}  {'pass' if r.passed else 'FAIL':<7}  {r.note}")
     n_fail = sum(not r.passed for r in results)
-    lines.append(f"{len(results)} taps compared, {len(results) - n_fail} passed, {n_fail} failed")
+    lines.append(f"{len(results)} keys compared, {len(results) - n_fail} passed, {n_fail} failed")
     return "\n".join(lines)

@@ -159,27 +159,12 @@ def _log_tail(path: Path, n: int = 25) -> str:
 def compare_against(model, ref: Mapping[str, np.ndarray], image_size: tuple[int, int] | None = None,
                     device: str = "cpu", strict: bool = False, heads_ref: Mapping[str, np.ndarray] | None = None,
                     layer_paths: Mapping[str, str] | None = None, detailed: bool = True):
-    """Run ours on the inputs of ``ref`` and compare every tap; returns ``(stats, ours)``.
+    """Run ours on the inputs of ``ref`` and compare every tap; returns ``(stats, ours)``
+    (:func:`parity.compare.compare_reference`: the noise is measured unless ``strict``)."""
+    from .compare import compare_reference
 
-    Unless ``strict``, a tensor tap over the 1e-4 rule triggers a float64 run of our model to measure
-    the fp32 noise floor, and taps within it pass as ``fp32 noise`` (see :func:`compare_runs`); the
-    float64 run is skipped when everything passes (it costs several fp32 runs on a CPU).
-    """
-    from .compare import compare_runs, run_ours
-    from .golden import strict_fp32
-
-    # strict fp32 on CUDA (TF32 alone moves taps by ~1e-3); random inputs can overflow box decoding to inf
-    with strict_fp32(), np.errstate(over="ignore", invalid="ignore"):
-        ours, heads, _ = run_ours(model, ref, image_size=image_size, device=device, detailed=detailed,
-                                  heads_ref=heads_ref)
-        order = list(ours.keys())  # our execution order; reference-only keys follow
-        stats = compare_runs(model, ref, ours, heads, order=order, layer_paths=layer_paths)
-        tensor_fail = any(not s.passed and s.cosine is not None for s in stats)
-        if tensor_fail and not strict:
-            ours, heads, noise = run_ours(model, ref, image_size=image_size, device=device, detailed=detailed,
-                                          heads_ref=heads_ref, noise=True)
-            stats = compare_runs(model, ref, ours, heads, order=order, layer_paths=layer_paths, noise_floor=noise)
-    return stats, ours
+    return compare_reference(model, ref, image_size=image_size, device=device, strict=strict, heads_ref=heads_ref,
+                             layer_paths=layer_paths, detailed=detailed)
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
