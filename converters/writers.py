@@ -40,6 +40,7 @@ __all__ = [
     "official_hparams",
     "state_num_classes",
     "tf1_keys",
+    "weight_names_chunks",
     "write_keras_h5",
     "write_tf1_checkpoint",
 ]
@@ -248,15 +249,22 @@ def _h5_strings(values: list[str]) -> np.ndarray:
     return np.array([v.encode("ascii") for v in values], dtype=h5py.string_dtype("ascii"))
 
 
-def _set_weight_names(group, names: list[str]) -> None:
-    """tf_keras ``save_attributes_to_hdf5_group``: split when the fixed-width byte array exceeds the limit."""
-    if not names:
-        group.attrs["weight_names"] = np.zeros((0,), np.float64)  # what tf_keras writes for no weights
-        return
-    fixed = np.asarray([n.encode("ascii") for n in names])
+def weight_names_chunks(names: list[str]) -> int:
+    """How many attributes tf_keras splits a layer's ``weight_names`` into: the fewest equal
+    ``np.array_split`` parts whose fixed-width byte arrays each fit ``H5_ATTR_LIMIT``."""
+    fixed = np.asarray([n.encode("ascii") for n in names]) if names else np.zeros((0,), "S1")
     chunks = 1
     while any(c.nbytes > H5_ATTR_LIMIT for c in np.array_split(fixed, chunks)):
         chunks += 1
+    return chunks
+
+
+def _set_weight_names(group, names: list[str]) -> None:
+    """tf_keras ``save_attributes_to_hdf5_group``: one attribute, or ``weight_names0..N`` chunks."""
+    if not names:
+        group.attrs["weight_names"] = np.zeros((0,), np.float64)  # what tf_keras writes for no weights
+        return
+    chunks = weight_names_chunks(names)
     if chunks == 1:
         group.attrs["weight_names"] = _h5_strings(names)
         return
