@@ -148,9 +148,11 @@ def test_round_trip_bit_exact(case, d0_state, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANT_NAMES)
-def test_round_trip_every_variant(variant, tmp_path):
-    """Random values of every variable's real shape through both formats (d7x: 77 M parameters)."""
+@pytest.mark.parametrize("variant", ["efficientdet-d7x"])
+def test_round_trip_largest_variant(variant, tmp_path):
+    """The largest variant (77 M parameters, P3-P8, its backbone's weight_names split in two h5
+    attributes) through both formats with random values. Every variant took 5 min on 2 cores; the
+    layouts of all 15 are checked above without weights, and the layouts are the same code."""
     g = torch.Generator().manual_seed(1)
     state = {}
     for e in name_map_for(variant):
