@@ -74,6 +74,18 @@ def add_hard_nms(proto, image_size: tuple[int, int], max_detections: int = 100, 
     return proto
 
 
+def _name_batch_dim(proto, name: str = "batch") -> None:
+    """Rename the exporter's batch symbol (``s77``, …) to ``batch`` in the graph's signature."""
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    symbol = dim0.dim_param
+    if not symbol:
+        return
+    for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param == symbol:
+                d.dim_param = name
+
+
 def export_onnx(model: EfficientDet, image_size: tuple[int, int], path: str | os.PathLike | None = None,
                 decode: bool = False, nms: bool = False, program: torch.export.ExportedProgram | None = None):
     """Export ``model`` at ``image_size`` (``nms`` implies ``decode``); check it with
@@ -90,6 +102,7 @@ def export_onnx(model: EfficientDet, image_size: tuple[int, int], path: str | os
     onnx_program = torch.onnx.export(program, (x,), dynamo=True, opset_version=OPSET, input_names=["image"],
                                      output_names=names, optimize=True, verbose=False)
     proto = onnx_program.model_proto
+    _name_batch_dim(proto)
     if nms:
         proto = add_hard_nms(proto, tuple(image_size), model.config.max_detections, model.config.nms_iou_threshold)
     proto.doc_string = (f"{model.config.name} at {image_size[0]}x{image_size[1]} (HxW), {model.config.num_classes} "
