@@ -40,7 +40,7 @@ def _err(msg: str) -> None:
     print(f"{PROG}: error: {msg}", file=sys.stderr)
 
 
-def _common(p: argparse.ArgumentParser, image: bool) -> None:
+def _common(p: argparse.ArgumentParser, image: bool, device: bool = False) -> None:
     p.add_argument("--variant", required=True, help="d0..d7, d7x, lite0..lite4, lite3x or the full official name")
     p.add_argument("--weights", required=True, type=Path,
                    help="converted .pth/.safetensors, or an official checkpoint (TF1 dir/prefix, tarball, .h5)")
@@ -48,9 +48,10 @@ def _common(p: argparse.ArgumentParser, image: bool) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     if image:
         p.add_argument("--image-size", help="input size: N or the official 'WxH' (default: the variant's)")
-        p.add_argument("--device", default="cpu", help="device the model is traced on (default cpu)")
         p.add_argument("--decode", action="store_true",
                        help="also output the official pre-NMS boxes, scores (max class) and classes")
+    if device:
+        p.add_argument("--device", default="cpu", help="device the program is exported for (default cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Save the network as a torch.export program (.pt2): load it with "
                                    "torch.export.load(path).module(); AOTInductor compiles it for C++.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(t, image=True)
+    _common(t, image=True, device=True)
     f = sub.add_parser("tf1", help="official TF1 checkpoint folder (checkpoint, .index, .data)",
                        description="Write an official TF1 release-format checkpoint (no TensorFlow needed).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,7 +91,7 @@ def _load_model(args: argparse.Namespace):
 
     hw = parse_image_size(args.image_size) if args.image_size else None
     model = create_model(args.variant, checkpoint=args.weights, image_size=hw)
-    return model.to(torch.device(args.device)), tuple(model.config.image_size)
+    return model.to(torch.device(getattr(args, "device", "cpu"))), tuple(model.config.image_size)
 
 
 def _max_rel(a, b) -> float:
@@ -102,9 +103,10 @@ def _max_rel(a, b) -> float:
 
 def _check_against_eager(model, run, hw, n: int) -> float:
     """Largest ``|exported − eager| / (1 + max|eager|)`` over the heads on a seeded N(0, 1) batch of 2."""
+    import numpy as np
     import torch
 
-    x = torch.from_numpy(__import__("numpy").random.default_rng(0).standard_normal((2, 3, *hw)).astype("float32"))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, *hw)).astype(np.float32))
     with torch.no_grad():
         cls, box = model(x.to(next(model.parameters()).device))
     ref = [t.cpu().numpy() for t in (*cls, *box)]
@@ -132,7 +134,7 @@ def _onnx(args: argparse.Namespace) -> int:
     t0 = time.time()
     decode = args.decode or args.nms
     program = export_program(model, hw, decode)
-    proto = export_onnx(model.cpu(), hw, None, decode=decode, nms=args.nms, program=program)
+    proto = export_onnx(model, hw, None, decode=decode, nms=args.nms, program=program)
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     n = 2 * len(model.config.levels)
     err = _check_against_eager(model, lambda x: sess.run(None, {"image": x.numpy()}), hw, n)

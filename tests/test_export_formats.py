@@ -211,3 +211,56 @@ def test_no_overwrite_without_force(d0_state, tmp_path):
     write_keras_h5(d0_state, "d0", h5, force=True)
     assert _equal(convert_checkpoint(h5, "d0").state_dict, d0_state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "w.h5"]
+
+
+# ---------------------------------------------------------------------------------------------
+# effdet-export tf1 / h5 / torch-export command lines
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_tf1_h5(tmp_path, capsys):
+    from converters.convert import save_state_dict
+    from export.cli import main as export_main
+
+    state = _random_state("lite0", num_classes=7)
+    pth = tmp_path / "l7.pth"
+    save_state_dict(state, pth)
+    ck, h5 = tmp_path / "ck", tmp_path / "l7.h5"
+    assert export_main(["tf1", "--variant", "lite0", "--weights", str(pth), "-o", str(ck), "--global-step", "5"]) == 0
+    out = capsys.readouterr().out
+    assert '--model_name=efficientdet-lite0 --hparams="num_classes=7"' in out
+    assert int(TensorBundleReader(ck / "model").read("global_step")) == 5
+    assert export_main(["h5", "--variant", "efficientdet-lite0", "--weights", str(pth), "-o", str(h5)]) == 0
+    for p in (ck, h5):
+        assert _equal(convert_checkpoint(p, "lite0").state_dict, state)
+    capsys.readouterr()
+    assert export_main(["tf1", "--variant", "lite0", "--weights", str(pth), "-o", str(ck)]) == 1
+    assert capsys.readouterr().err.strip() == f"effdet-export: error: {ck} already exists; pass --force to overwrite"
+    assert export_main(["h5", "--variant", "d0", "--weights", str(pth), "-o", str(tmp_path / "x.h5")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"effdet-export: error: {pth}: does not fit efficientdet-d0") and err.count("\n") == 1
+    assert export_main(["tf1", "--variant", "lite0", "--weights", str(tmp_path / "nope.pth"), "-o", str(tmp_path / "y")]) == 1
+    assert "nope.pth: no such file" in capsys.readouterr().err
+    assert export_main(["h5", "--variant", "d9", "--weights", str(pth), "-o", str(tmp_path / "z.h5")]) == 2
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z.h5").exists()
+    with pytest.raises(SystemExit) as e:
+        export_main(["onnx", "--help"])
+    assert e.value.code == 0 and "NonMaxSuppression" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_torch_export(tmp_path, capsys):
+    from converters.convert import save_state_dict
+    from export.cli import main as export_main
+
+    state = _random_state("lite0")
+    save_state_dict(state, tmp_path / "l.pth")
+    out = tmp_path / "l.pt2"
+    assert export_main(["torch-export", "--variant", "lite0", "--weights", str(tmp_path / "l.pth"), "--image-size",
+                        "128", "-o", str(out)]) == 0
+    assert "max rel. error" in capsys.readouterr().out
+    m = create_model("lite0", image_size=128)
+    m.load_state_dict(state)
+    x = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        got, (cls, box) = torch.export.load(out).module()(x), m(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, [*cls, *box]))  # measured bit-identical
