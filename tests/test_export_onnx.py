@@ -29,6 +29,8 @@ from export.network import export_program, output_names  # noqa: E402
 from export.onnx_export import OPSET, export_onnx, postprocess_onnx  # noqa: E402
 
 torch.set_grad_enabled(False)
+#: one ONNX export of d0 costs ~90 s of CPU (torch.export + translation): slow, still run by CI
+pytestmark = pytest.mark.slow
 HW = (256, 256)
 GOLDEN = PROJECT_GOLDEN / "efficientdet-d0"
 #: the parity rule of the golden checks: |a - b| <= r (1 + max|b|), r = 1e-4 on images, 3e-4 on the
