@@ -6,6 +6,14 @@ from pathlib import Path
 
 import pytest
 
+# torch.export (effdet-export) imports triton through torch._dynamo; loading triton after TensorFlow
+# kills the process (measured: `import tensorflow; import triton` -> SIGSEGV; the reverse order works),
+# so the torch side is loaded here, before any test module imports TensorFlow.
+try:
+    import torch._dynamo  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_GOLDEN = REPO / "golden"
 SHARED_GOLDEN = Path(os.environ.get("EFFDET_SHARED_GOLDEN", REPO.parent / "shared" / "golden"))
