@@ -17,6 +17,7 @@ from effdet_torch.config import VARIANTS
 from effdet_torch.detector import Detector
 from effdet_torch.model import create_model
 from effdet_torch.nms import non_max_suppression_v5
+from parity.rules import REL_TOL
 
 from .conftest import PROJECT_GOLDEN
 
@@ -33,9 +34,10 @@ torch.set_grad_enabled(False)
 pytestmark = pytest.mark.slow
 HW = (256, 256)
 GOLDEN = PROJECT_GOLDEN / "efficientdet-d0"
-#: the parity rule of the golden checks: |a - b| <= r (1 + max|b|), r = 1e-4 on images, 3e-4 on the
-#: random input (fp32 through a deep net; see README "How parity is proven").
-RULE = {"chelsea": 1e-4, "random": 3e-4}
+#: the fixed part of the parity rule (parity/rules.py): |a - b| <= 1e-4 (1 + max|b|). Measured: ONNX vs
+#: PyTorch / vs the official heads 3.4e-5 / 4.4e-5 on the random input, 9.6e-7 / 1.3e-6 on chelsea,
+#: so the noise allowance of the rule is not needed here.
+RULE = {"chelsea": REL_TOL, "random": REL_TOL}
 
 
 def _rel(a, b) -> float:
@@ -213,4 +215,4 @@ def test_every_variant_exports(variant, tmp_path):
     cls, box = model(torch.from_numpy(x))
     err = max(_rel(a, b.numpy()) for a, b in zip(sess.run(None, {"image": x}), [*cls, *box]))
     print(f"\n{variant}: onnxruntime vs PyTorch {err:.1e}")
-    assert err <= 3e-4
+    assert err <= REL_TOL  # measured <= 1.4e-6 for all 15 variants
