@@ -44,7 +44,8 @@ from .optim import CosineSchedule, KerasSGD
 from .step import Trainer
 from .targets import batch_targets, to_official_levels
 
-__all__ = ["KeyResult", "TrainGoldenSpec", "compare", "main", "run_ours", "run_train_golden"]
+__all__ = ["KeyResult", "TrainGoldenSpec", "compare", "family", "judge", "load_recording", "main", "run_augment",
+           "run_ours", "run_train_golden", "tolerances", "write_json"]
 
 SAFETY = 2.0
 FLOOR = 2.0 ** -20
@@ -236,14 +237,31 @@ PASS_THROUGH = {"source_id": "the tf.Example's image/source_id, passed through b
                              "recording does not hold it as an input, so it is reported, not compared"}
 
 
-def compare(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray], ours64: dict[str, np.ndarray]) -> list[KeyResult]:
-    """One :class:`KeyResult` per key of ``ref`` (see the module docstring for the tolerances)."""
+def tolerances(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray],
+               ours64: dict[str, np.ndarray]) -> dict[str, tuple[float, float, str]]:
+    """``key → (tolerance, our fp32 noise on the key, note)`` for every float key of ``ref`` that
+    ours produced (see the module docstring): ``max(SAFETY · family noise, FLOOR) · (1 + max|ref|)``."""
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     noise_rel: dict[str, float] = {}
+    own: dict[str, float] = {}
     for k, r in ref.items():
         if k in ours and k in ours64 and not _is_input(k) and not _is_exact(k, r) and np.shape(ours[k]) == r.shape and r.size:
-            n = float(np.abs(f64(ours[k]) - f64(ours64[k])).max()) / (1.0 + float(np.abs(f64(r)).max()))
+            own[k] = float(np.abs(f64(ours[k]) - f64(ours64[k])).max())
+            n = own[k] / (1.0 + float(np.abs(f64(r)).max()))
             noise_rel[family(k)] = max(noise_rel.get(family(k), 0.0), n)
+    out = {}
+    for k in own:
+        fam = noise_rel[family(k)]
+        tol = max(SAFETY * fam, FLOOR) * (1.0 + float(np.abs(f64(ref[k])).max()))
+        note = f"family {family(k)}: noise {fam:.2e} rel" + (" (floor)" if SAFETY * fam < FLOOR else "")
+        out[k] = (tol, own[k], note)
+    return out
+
+
+def judge(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray],
+          tols: dict[str, tuple[float, float, str]]) -> list[KeyResult]:
+    """One :class:`KeyResult` per key of ``ref``: inputs reported, integer keys equal, float keys
+    within ``tols`` (from :func:`tolerances`)."""
     results = []
     for k, r in ref.items():
         shape = tuple(r.shape)
@@ -261,17 +279,20 @@ def compare(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray], ours64: dic
         if o.shape != r.shape:
             results.append(KeyResult(k, shape, float("inf"), None, None, False, f"shape: ours {o.shape}"))
             continue
-        err = float(np.abs(f64(o) - f64(r)).max()) if r.size else 0.0
+        err = float(np.abs(o.astype(np.float64) - r.astype(np.float64)).max()) if r.size else 0.0
         if _is_exact(k, r):
             results.append(KeyResult(k, shape, err, 0.0, None, err == 0.0, "exact"))
-            continue
-        scale = 1.0 + float(np.abs(f64(r)).max()) if r.size else 1.0
-        fam_noise = noise_rel.get(family(k), 0.0)
-        own = float(np.abs(f64(o) - f64(ours64[k])).max()) if k in ours64 and r.size else float("nan")
-        tol = max(SAFETY * fam_noise, FLOOR) * scale
-        note = f"family {family(k)}: noise {fam_noise:.2e} rel" + (" (floor)" if SAFETY * fam_noise < FLOOR else "")
-        results.append(KeyResult(k, shape, err, tol, own, bool(err <= tol), note))
+        elif k in tols:
+            tol, own, note = tols[k]
+            results.append(KeyResult(k, shape, err, tol, own, bool(err <= tol), note))
+        else:
+            results.append(KeyResult(k, shape, err, None, None, False, "no fp64 run to measure the tolerance"))
     return results
+
+
+def compare(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray], ours64: dict[str, np.ndarray]) -> list[KeyResult]:
+    """Every key of ``ref`` judged with the tolerances measured on ``ours`` vs ``ours64``."""
+    return judge(ref, ours, tolerances(ref, ours, ours64))
 
 
 def load_recording(golden_dir: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray] | None]:
