@@ -41,24 +41,24 @@ def seed_layout(tmp_path_factory):
 
 def _args(root, *extra):
     return ["-c", "0", "-p", "shape", "--projects-dir", str(root / "projects"), "--data-path",
-            str(root / "datasets"), "--image-size", "128", "--batch_size", "2", "--workers", "0",
+            str(root / "datasets"), "--image-size", "64", "--batch_size", "2", "--workers", "0",
             "--saved-path", str(root / "logs"), *extra]
 
 
 def test_train_saves_resumes_and_loads(seed_layout):
-    from effdet_torch.model import create_model
+    from effdet_torch.config import get_config
+    from effdet_torch.model import EfficientDet, create_model
 
     root, k = seed_layout
     assert main(_args(root, "--max-steps", "2", "--head_only", "True")) == 0
     out = root / "logs" / "shape"
     ckpt = torch.load(out / "last.ckpt", weights_only=True)
     # head-only: backbone/BiFPN weights untouched (BN statistics still move, as officially)
-    init = create_model("d0", num_classes=k, image_size=128)
-    torch.manual_seed(0)
-    init = type(init)(init.config)
+    torch.manual_seed(0)  # effdet-train --seed 0 initialises the same way
+    init = EfficientDet(get_config("d0", image_size=64, num_classes=k))
     assert torch.equal(ckpt["model"]["backbone.conv_stem.weight"], init.state_dict()["backbone.conv_stem.weight"])
     assert ckpt["step"] == 2 and ckpt["variant"] == "efficientdet-d0"
-    model = create_model("d0", checkpoint=out / "efficientdet-d0_0_2.pth", image_size=128)
+    model = create_model("d0", checkpoint=out / "efficientdet-d0_0_2.pth", image_size=64)
     assert model.config.num_classes == k
     # the EMA weights are saved, not the raw ones: after 2 steps (decay 0.1, then 2/11) they differ
     raw = ckpt["model"]["class_net.predict.conv_pw.bias"]

@@ -227,8 +227,14 @@ def _train_forward(model, ref, dtype, tf_momentum=0.99):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = 1.0 - tf_momentum
     x = torch.from_numpy(ref["input/images"]).permute(0, 3, 1, 2).to(dtype)
+    counts = {}  # BN module -> elements per channel (n of the unbiased variance)
+    hooks = [m.register_forward_hook(lambda m, i, o: counts.__setitem__(m, i[0].numel() // i[0].shape[1]))
+             for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
         cls, box = model(x)
+    for h in hooks:
+        h.remove()
+    model.bn_counts = {k: counts[m] for k, m in model.named_modules() if m in counts}
     out = {}
     for lvl, c, b in zip(LEVELS, cls, box):
         out[f"train_forward/class_net/level{lvl}"] = c.permute(0, 2, 3, 1).numpy()
@@ -237,6 +243,7 @@ def _train_forward(model, ref, dtype, tf_momentum=0.99):
     for e in build_name_map(model):
         if "running_" in e.torch_key:
             out[f"step1/{e.tf_name}:0"] = state[e.torch_key].numpy()
+            out[f"n/{e.tf_name}:0"] = model.bn_counts[e.torch_key.rsplit(".", 1)[0]]
     return out
 
 
@@ -257,6 +264,22 @@ def test_train_forward_and_bn_moving_stats(rec, d0):
     # flagged wherever the batch statistics move the moving ones noticeably (196 of 216 here);
     # the forward itself does not depend on the momentum
     assert len(bad) >= 0.8 * 2 * 108 and all("moving_" in k for k in bad)
+    # the biased batch variance in the moving average (v = 0.99 v0 + 0.01 var·(n-1)/n instead of
+    # 0.01 var): derived from our unbiased update, flagged where n is small (levels 6-7, n = 8..32)
+    from converters.name_map import build_name_map
+
+    key_of = {f"step1/{e.tf_name}:0": e.torch_key for e in build_name_map(d0)}
+    state0 = d0.state_dict()
+    biased = {}
+    for k in sub:
+        if k.endswith("moving_variance:0"):
+            v0 = state0[key_of[k]].double().numpy()
+            n = ours[k.replace("step1/", "n/")]
+            var_u = (ours[k].astype(np.float64) - 0.99 * v0) / 0.01
+            biased[k] = (0.99 * v0 + 0.01 * var_u * (n - 1) / n).astype(np.float32)
+    bad = _failed(tg.judge({k: sub[k] for k in biased}, biased, tols))
+    assert "step1/class_net/class-2-bn-7/moving_variance:0" in bad and "step1/resample_p6/bn/moving_variance:0" in bad
+
 
 
 @pytest.mark.shared_golden

@@ -108,12 +108,9 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
 
 
 def run_ours(model: EfficientDet, ref: dict[str, np.ndarray], spec: TrainGoldenSpec,
-             dtype: torch.dtype = torch.float32, variant_hook=None) -> dict[str, np.ndarray]:
+             dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
     """Our step(s) on the recording's inputs, in ``dtype``; official keys → arrays (official layout).
-
-    ``model`` is copied (the caller's weights are untouched). ``variant_hook(trainer)`` may alter
-    the run (the tests use it to break one rule on purpose).
-    """
+    ``model`` is copied (the caller's weights are untouched)."""
     model = copy.deepcopy(model).to(dtype)
     entries = build_name_map(model)
     cfg = model.config
@@ -136,8 +133,6 @@ def run_ours(model: EfficientDet, ref: dict[str, np.ndarray], spec: TrainGoldenS
             m.momentum = 1.0 - spec.bn_momentum
     opt = KerasSGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=spec.momentum)
     trainer = Trainer(model, opt, spec.schedule, spec.loss, spec.clip_norm)
-    if variant_hook is not None:
-        variant_hook(trainer)
     names = dict(model.named_parameters())
     grad_index = {id(p): i for i, p in enumerate(trainer.params)}
     for step in range(spec.steps):
@@ -330,8 +325,7 @@ def load_recording(golden_dir: str | os.PathLike) -> tuple[dict, dict[str, np.nd
     return meta, ref, aug
 
 
-def run_train_golden(model: EfficientDet, golden_dir: str | os.PathLike, variant_hook=None,
-                     log=print) -> list[KeyResult]:
+def run_train_golden(model: EfficientDet, golden_dir: str | os.PathLike, log=print) -> list[KeyResult]:
     """Every key of the recording compared (our run in fp32, and in fp64 for the noise)."""
     meta, ref, aug = load_recording(golden_dir)
     n_steps = 2 if any(k.startswith(("step2/", "loss2/")) for k in ref) else 1
@@ -345,10 +339,10 @@ def run_train_golden(model: EfficientDet, golden_dir: str | os.PathLike, variant
         raise ValueError(f"{golden_dir}/train_step.npz: input/images {ref['input/images'].shape} does not fit "
                          f"meta.json (batch {spec.batch}, image {spec.image_hw})")
     t0 = time.time()
-    ours = run_ours(model, ref, spec, torch.float32, variant_hook)
+    ours = run_ours(model, ref, spec, torch.float32)
     log(f"our fp32 step(s): {time.time() - t0:.1f} s")
     t0 = time.time()
-    ours64 = run_ours(model, ref, spec, torch.float64, variant_hook)
+    ours64 = run_ours(model, ref, spec, torch.float64)
     log(f"our fp64 step(s) (noise measurement): {time.time() - t0:.1f} s")
     results = compare(ref, ours, ours64)
     if aug is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from effdet_torch.model import EfficientDet
@@ -83,7 +82,3 @@ class Trainer:
         out["gradient_norm"] = float(norm)
         out["learning_rate"] = lr
         return StepOutput(out, float(raw), clipped, [c.detach() for c in cls_out], [b.detach() for b in box_out])
-
-
-def trainable_names(model: nn.Module) -> list[str]:
-    return [k for k, p in model.named_parameters() if p.requires_grad]
