@@ -5,6 +5,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch._dynamo  # noqa: F401  # before any TensorFlow import: torch.optim imports it lazily, and
+# importing it (triton) after TensorFlow is loaded segfaults (torch 2.14.1 + TF 2.21, measured);
+# test_ops_vs_tf imports TensorFlow at collection, the training tests build optimizers later.
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_GOLDEN = REPO / "golden"
