@@ -48,6 +48,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.l2_params = [p for _, p in l2_parameters(model) if p.requires_grad]
 
+    @torch.enable_grad()  # a training step never depends on the caller's grad mode
     def forward_loss(self, images: Tensor, targets: AnchorTargets) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor]]:
         """Training-mode forward and every loss term (tensors with grad)."""
         self.model.train()
@@ -59,6 +60,7 @@ class Trainer:
         losses["loss"] = losses["det_loss"] + losses["reg_l2_loss"]
         return losses, cls_out, box_out
 
+    @torch.enable_grad()
     def step(self, images: Tensor, targets: AnchorTargets) -> StepOutput:
         """Forward, clipped gradients, one optimizer update (and EMA update); returns what was used."""
         losses, cls_out, box_out = self.forward_loss(images, targets)
