@@ -7,6 +7,7 @@ Subcommands:
   record      record a golden (.npz + meta.json) from the live official model, for any checkpoint
   visualize   official detections and ours side by side, with an overlay and a table of pairs
   synth-ckpt  write an official-format TF1 checkpoint by the golden weights rule
+  train-golden  compare our training step with a recording of the official trainer (training/golden.py)
 """
 from __future__ import annotations
 
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth-ckpt", help="write an official-format checkpoint by the golden weights rule",
                        add_help=False)
     s.set_defaults(func=None)
+    t = sub.add_parser("train-golden", help="compare our training step with a recording of the official trainer",
+                       add_help=False)
+    t.set_defaults(func=None)
     return p
 
 
@@ -187,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         from converters.synth import main as synth_main
 
         return synth_main(argv[1:])
+    if argv and argv[0] == "train-golden":  # lives in the training package, which sits above parity
+        from training.golden import main as train_golden_main
+
+        return train_golden_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-# torch.export (effdet-export) imports triton through torch._dynamo; loading triton after TensorFlow
-# kills the process (measured: `import tensorflow; import triton` -> SIGSEGV; the reverse order works),
-# so the torch side is loaded here, before any test module imports TensorFlow.
+# torch.export (effdet-export) and torch.optim import triton through torch._dynamo; loading triton after
+# TensorFlow kills the process (measured, torch 2.14.1 + TF 2.21: `import tensorflow; import triton` ->
+# SIGSEGV; the reverse order works), so the torch side is loaded here, before any test module imports
+# TensorFlow (test_ops_vs_tf does at collection).
 try:
     import torch._dynamo  # noqa: F401
 except ImportError:  # pragma: no cover
