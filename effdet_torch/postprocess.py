@@ -22,8 +22,8 @@ from .config import EfficientDetConfig
 from .nms import non_max_suppression_v5
 from .soft_nms import batched_nms_v5
 
-__all__ = ["Detections", "flatten_outputs", "postprocess_global", "postprocess_per_class", "pre_nms_global",
-           "reduce_candidates"]
+__all__ = ["Detections", "flatten_outputs", "nms_groups", "nms_groups_reference", "per_class_candidates",
+           "postprocess_global", "postprocess_per_class", "pre_nms_global", "reduce_candidates"]
 
 
 @dataclass
@@ -74,22 +74,33 @@ def _as_scales(image_scale: Tensor | float | None, batch: int) -> np.ndarray | N
     return np.broadcast_to(s, (batch,)).astype(np.float32)
 
 
-def _nms_groups(cfg: EfficientDetConfig, boxes: Tensor, scores: Tensor, groups: Tensor,
-                num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """NMSV5 of every group (image, or image × class) at once: ``indices [G, K]`` (positions,
-    ``-1`` past the end), ``scores [G, K]``, ``counts [G]``. Bit-identical to the scalar reference
-    :func:`~effdet_torch.nms.non_max_suppression_v5`, which serves a negative score threshold."""
-    args = (cfg.max_detections, cfg.nms_iou_threshold, cfg.nms_score_threshold, cfg.nms_sigma / 2)
-    if cfg.nms_score_threshold >= 0:
-        return batched_nms_v5(boxes, scores, groups, num_groups, *args)
+def nms_groups(cfg: EfficientDetConfig, boxes: Tensor, scores: Tensor, groups: Tensor,
+               num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The official NMSV5 of every group (image, or image × class) at once, on ``boxes``' device:
+    ``indices [G, K]`` (positions, ``-1`` past the end), ``scores [G, K]``, ``counts [G]``.
+
+    Bit-identical to :func:`nms_groups_reference`; a negative score threshold (scores of any sign)
+    is served by it."""
+    if cfg.nms_score_threshold < 0:
+        return nms_groups_reference(cfg, boxes, scores, groups, num_groups)
+    return batched_nms_v5(boxes, scores, groups, num_groups, cfg.max_detections, cfg.nms_iou_threshold,
+                          cfg.nms_score_threshold, cfg.nms_sigma / 2)
+
+
+def nms_groups_reference(cfg: EfficientDetConfig, boxes: Tensor, scores: Tensor, groups: Tensor,
+                         num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`nms_groups` by the scalar reference :func:`~effdet_torch.nms.non_max_suppression_v5`,
+    one group after the other (the oracle of the tests and the benchmarks' baseline)."""
     k = cfg.max_detections
     idx = torch.full((num_groups, k), -1, dtype=torch.int64)
     sc = torch.zeros((num_groups, k), dtype=torch.float32)
     cnt = torch.zeros((num_groups,), dtype=torch.int64)
-    b_np, s_np, g_np = boxes.cpu().numpy(), scores.cpu().numpy(), groups.cpu().numpy()
+    b_np, s_np, g_np = boxes.float().cpu().numpy(), scores.float().cpu().numpy(), groups.cpu().numpy()
     for gi in range(num_groups):
         rows = np.nonzero(g_np == gi)[0]
-        sel, s = non_max_suppression_v5(b_np[rows], s_np[rows], *args)
+        sel, s = non_max_suppression_v5(b_np[rows], s_np[rows], k, iou_threshold=cfg.nms_iou_threshold,
+                                        score_threshold=cfg.nms_score_threshold,
+                                        soft_nms_sigma=cfg.nms_sigma / 2)
         idx[gi, : len(sel)] = torch.from_numpy(rows[sel])
         sc[gi, : len(sel)] = torch.from_numpy(s)
         cnt[gi] = len(sel)
@@ -105,7 +116,7 @@ def postprocess_global(cfg: EfficientDetConfig, cls: Tensor, box: Tensor, anchor
     dev = boxes_t.device
     b, n = scores_t.shape
     groups = torch.arange(b, device=dev).repeat_interleave(n)
-    idx, out_scores, valid = _nms_groups(cfg, boxes_t.reshape(-1, 4), scores_t.reshape(-1), groups, b)
+    idx, out_scores, valid = nms_groups(cfg, boxes_t.reshape(-1, 4), scores_t.reshape(-1), groups, b)
     # padded rows gather index 0, as the padded op returns
     local = torch.where(idx >= 0, idx - torch.arange(b, device=dev)[:, None] * n, 0)
     bx = torch.gather(boxes_t, 1, local[..., None].expand(-1, -1, 4))
@@ -146,6 +157,26 @@ def reduce_candidates(cls: Tensor, box: Tensor, k: int) -> tuple[Tensor, Tensor,
     return idx, cls.index_select(0, idx), box.index_select(0, idx)
 
 
+def per_class_candidates(cfg: EfficientDetConfig, cls: Tensor, box: Tensor,
+                         anchors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """COCO-eval NMS inputs of a batch, on the CPU: per image the top ``eval_max_nms_inputs``
+    (anchor, class) logits (ties: lower index), their decoded boxes ``[M, 4]``, sigmoid scores ``[M]``
+    and group ``image · C + class`` ``[M]`` (within a group: top-k order, as the official slices)."""
+    b, n, c = cls.shape
+    flat_boxes, flat_scores, flat_groups = [], [], []
+    for i in range(b):
+        rows, cls_i, box_i = reduce_candidates(cls[i].detach(), box[i].detach(), cfg.eval_max_nms_inputs)
+        cls_np = cls_i.float().cpu().numpy().reshape(-1)
+        top = _top_k_stable(cls_np, cfg.eval_max_nms_inputs)
+        anchor_idx, class_idx = top // c, top % c
+        pick = torch.from_numpy(anchor_idx).to(box_i.device)
+        dec = decode_boxes(box_i.float()[pick], anchors[rows.to(anchors.device)][pick.to(anchors.device)])
+        flat_boxes.append(dec.detach().float().cpu())
+        flat_scores.append(torch.sigmoid(torch.from_numpy(cls_np[top])))
+        flat_groups.append(torch.from_numpy(class_idx + i * c))
+    return torch.cat(flat_boxes), torch.cat(flat_scores), torch.cat(flat_groups)
+
+
 def postprocess_per_class(cfg: EfficientDetConfig, cls: Tensor, box: Tensor, anchors: Tensor,
                           image_scale: Tensor | float | None = None) -> Detections:
     """The official COCO-eval path (per-class soft-NMS over the top ``eval_max_nms_inputs`` pairs).
@@ -160,20 +191,9 @@ def postprocess_per_class(cfg: EfficientDetConfig, cls: Tensor, box: Tensor, anc
     out_classes = np.zeros((b, k), np.float32)
     valid = np.zeros((b,), np.int64)
     scales = _as_scales(image_scale, b)
-    flat_boxes, flat_scores, flat_groups = [], [], []
-    for i in range(b):
-        rows, cls_i, box_i = reduce_candidates(cls[i].detach(), box[i].detach(), cfg.eval_max_nms_inputs)
-        cls_np = cls_i.float().cpu().numpy().reshape(-1)
-        top = _top_k_stable(cls_np, cfg.eval_max_nms_inputs)
-        anchor_idx, class_idx = top // c, top % c
-        pick = torch.from_numpy(anchor_idx).to(box_i.device)
-        dec = decode_boxes(box_i.float()[pick], anchors[rows.to(anchors.device)][pick.to(anchors.device)])
-        flat_boxes.append(dec.detach().float().cpu())
-        flat_scores.append(torch.sigmoid(torch.from_numpy(cls_np[top])))
-        flat_groups.append(torch.from_numpy(class_idx + i * c))  # within a class: top-k order, as sliced
-    idx, nms_scores, counts = _nms_groups(cfg, torch.cat(flat_boxes), torch.cat(flat_scores),
-                                          torch.cat(flat_groups), b * c)
-    all_boxes = torch.cat(flat_boxes).numpy()
+    all_boxes, all_scores, groups = per_class_candidates(cfg, cls, box, anchors)
+    idx, nms_scores, counts = nms_groups(cfg, all_boxes, all_scores, groups, b * c)
+    all_boxes = all_boxes.numpy()
     idx, nms_scores, counts = idx.numpy().reshape(b, c, k), nms_scores.numpy().reshape(b, c, k), counts.numpy()
     slots = np.arange(k)
     for i in range(b):
