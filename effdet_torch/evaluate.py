@@ -12,7 +12,8 @@ Speed without changing a bit of that result:
   so only those rows travel to the CPU; the top-k of the reduced set is the same set in the same
   order (the tie rule "lower flat index first" is preserved by an order-keeping subset), so
   ``postprocess_per_class`` returns identical detections (``tests/test_eval_golden.py`` checks it);
-- the NMS (Python/numpy, ~0.3 s per image) runs in a pool of spawned processes (``post_workers``).
+- the NMS (the vectorised exact NMSV5 of :mod:`effdet_torch.soft_nms`, on one thread) runs in a
+  pool of spawned processes (``post_workers``).
 
 Distributed (``torchrun``): the dataset is cut into batches of ``batch_size`` and batch ``j`` goes
 to rank ``j % world_size``, so every batch holds the same images as in a one-process run; with

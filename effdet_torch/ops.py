@@ -4,6 +4,8 @@ Layout is NCHW throughout; every docstring names the TF behaviour the module rep
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ __all__ = [
     "max_pool2d_same",
     "resize_bilinear_half_pixel",
     "resize_nearest_tf1",
+    "same_pad_lrtb",
     "same_padding",
 ]
 
@@ -34,6 +37,16 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
+@functools.lru_cache(maxsize=1024)
+def same_pad_lrtb(h: int, w: int, kh: int, kw: int, sh: int, sw: int) -> tuple[int, int, int, int] | None:
+    """``F.pad`` argument ``(left, right, top, bottom)`` of TF SAME for an ``h×w`` input, or None
+    when no padding is needed; resolved once per input size (cached), so the hot path does a
+    dictionary look-up instead of the arithmetic of :func:`same_padding`."""
+    top, bottom = same_padding(h, kh, sh)
+    left, right = same_padding(w, kw, sw)
+    return (left, right, top, bottom) if top or bottom or left or right else None
+
+
 def _static_same(kernel: int, stride: int) -> int | None:
     """Symmetric padding when SAME does not depend on the input size (stride 1, odd kernel)."""
     if stride == 1 and kernel % 2 == 1:
@@ -45,7 +58,7 @@ class Conv2dSame(nn.Conv2d):
     """``tf.keras.layers.Conv2D(padding='same')`` (also depthwise with ``groups=C``), NCHW.
 
     Size-independent padding is done by the conv itself; stride-2 SAME padding depends on the input
-    parity and is computed per call (a traced/compiled graph fixes it for its input size).
+    parity and is resolved once per input size (:func:`same_pad_lrtb`).
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1,
@@ -56,12 +69,9 @@ class Conv2dSame(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._dynamic:
-            kh, kw = self.kernel_size
-            sh, sw = self.stride
-            top, bottom = same_padding(x.shape[-2], kh, sh)
-            left, right = same_padding(x.shape[-1], kw, sw)
-            if top or bottom or left or right:
-                x = F.pad(x, (left, right, top, bottom))
+            pad = same_pad_lrtb(x.shape[-2], x.shape[-1], *self.kernel_size, *self.stride)
+            if pad is not None:
+                x = F.pad(x, pad)
         return super().forward(x)
 
 
@@ -134,10 +144,9 @@ def max_pool2d_same(x: Tensor, kernel: int | tuple[int, int], stride: int | tupl
     """
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    top, bottom = same_padding(x.shape[-2], kh, sh)
-    left, right = same_padding(x.shape[-1], kw, sw)
-    if top or bottom or left or right:
-        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+    pad = same_pad_lrtb(x.shape[-2], x.shape[-1], kh, kw, sh, sw)
+    if pad is not None:
+        x = F.pad(x, pad, value=float("-inf"))
     return F.max_pool2d(x, (kh, kw), (sh, sw))
 
 

@@ -20,9 +20,10 @@ from torch import Tensor
 from .anchors import decode_boxes
 from .config import EfficientDetConfig
 from .nms import non_max_suppression_v5
+from .soft_nms import batched_nms_v5
 
-__all__ = ["Detections", "flatten_outputs", "postprocess_global", "postprocess_per_class", "pre_nms_global",
-           "reduce_candidates"]
+__all__ = ["Detections", "flatten_outputs", "nms_groups", "nms_groups_reference", "per_class_candidates",
+           "postprocess_global", "postprocess_per_class", "pre_nms_global", "reduce_candidates"]
 
 
 @dataclass
@@ -66,13 +67,6 @@ def pre_nms_global(cls: Tensor, box: Tensor, anchors: Tensor) -> tuple[Tensor, T
     return decode_boxes(box, anchors), torch.sigmoid(logits), classes
 
 
-def _nms(cfg: EfficientDetConfig, boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return non_max_suppression_v5(
-        boxes, scores, cfg.max_detections, iou_threshold=cfg.nms_iou_threshold,
-        score_threshold=cfg.nms_score_threshold, soft_nms_sigma=cfg.nms_sigma / 2,
-    )
-
-
 def _as_scales(image_scale: Tensor | float | None, batch: int) -> np.ndarray | None:
     if image_scale is None:
         return None
@@ -80,34 +74,60 @@ def _as_scales(image_scale: Tensor | float | None, batch: int) -> np.ndarray | N
     return np.broadcast_to(s, (batch,)).astype(np.float32)
 
 
+def nms_groups(cfg: EfficientDetConfig, boxes: Tensor, scores: Tensor, groups: Tensor,
+               num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The official NMSV5 of every group (image, or image × class) at once, on ``boxes``' device:
+    ``indices [G, K]`` (positions, ``-1`` past the end), ``scores [G, K]``, ``counts [G]``.
+
+    Bit-identical to :func:`nms_groups_reference`; a negative score threshold (scores of any sign)
+    is served by it."""
+    if cfg.nms_score_threshold < 0:
+        return nms_groups_reference(cfg, boxes, scores, groups, num_groups)
+    return batched_nms_v5(boxes, scores, groups, num_groups, cfg.max_detections, cfg.nms_iou_threshold,
+                          cfg.nms_score_threshold, cfg.nms_sigma / 2)
+
+
+def nms_groups_reference(cfg: EfficientDetConfig, boxes: Tensor, scores: Tensor, groups: Tensor,
+                         num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`nms_groups` by the scalar reference :func:`~effdet_torch.nms.non_max_suppression_v5`,
+    one group after the other (the oracle of the tests and the benchmarks' baseline)."""
+    k = cfg.max_detections
+    idx = torch.full((num_groups, k), -1, dtype=torch.int64)
+    sc = torch.zeros((num_groups, k), dtype=torch.float32)
+    cnt = torch.zeros((num_groups,), dtype=torch.int64)
+    b_np, s_np, g_np = boxes.float().cpu().numpy(), scores.float().cpu().numpy(), groups.cpu().numpy()
+    for gi in range(num_groups):
+        rows = np.nonzero(g_np == gi)[0]
+        sel, s = non_max_suppression_v5(b_np[rows], s_np[rows], k, iou_threshold=cfg.nms_iou_threshold,
+                                        score_threshold=cfg.nms_score_threshold,
+                                        soft_nms_sigma=cfg.nms_sigma / 2)
+        idx[gi, : len(sel)] = torch.from_numpy(rows[sel])
+        sc[gi, : len(sel)] = torch.from_numpy(s)
+        cnt[gi] = len(sel)
+    return idx.to(boxes.device), sc.to(boxes.device), cnt.to(boxes.device)
+
+
 def postprocess_global(cfg: EfficientDetConfig, cls: Tensor, box: Tensor, anchors: Tensor,
                        image_size: tuple[int, int], image_scale: Tensor | float | None = None) -> Detections:
-    """The official inference path. ``cls [B, N, C]`` logits, ``box [B, N, 4]`` codes."""
+    """The official inference path. ``cls [B, N, C]`` logits, ``box [B, N, 4]`` codes; runs on
+    ``cls``'s device, all images in one batched NMS."""
     boxes_t, scores_t, classes_t = pre_nms_global(cls, box, anchors)
-    boxes_np = boxes_t.detach().float().cpu().numpy()
-    scores_np = scores_t.detach().float().cpu().numpy()
-    classes_np = classes_t.cpu().numpy()
-    b, k = cls.shape[0], cfg.max_detections
-    out_boxes = np.zeros((b, k, 4), np.float32)
-    out_scores = np.zeros((b, k), np.float32)
-    out_classes = np.zeros((b, k), np.float32)
-    valid = np.zeros((b,), np.int64)
-    scales = _as_scales(image_scale, b)
-    limit = np.array([image_size[0], image_size[1], image_size[0], image_size[1]], np.float32)
-    for i in range(b):
-        sel, sc = _nms(cfg, boxes_np[i], scores_np[i])
-        idx = np.zeros((k,), np.int64)  # padded rows gather index 0, as the padded op returns
-        idx[: len(sel)] = sel
-        bx = np.clip(boxes_np[i][idx], 0, limit)
-        if scales is not None:
-            bx = bx * scales[i]
-        out_boxes[i] = bx
-        out_scores[i, : len(sc)] = sc
-        out_classes[i] = classes_np[i][idx].astype(np.float32) + 1
-        valid[i] = len(sel)
-    dev = cls.device
-    return Detections(torch.from_numpy(out_boxes).to(dev), torch.from_numpy(out_scores).to(dev),
-                      torch.from_numpy(out_classes).to(dev), torch.from_numpy(valid).to(dev))
+    boxes_t, scores_t = boxes_t.detach().float(), scores_t.detach().float()
+    dev = boxes_t.device
+    b, n = scores_t.shape
+    groups = torch.arange(b, device=dev).repeat_interleave(n)
+    idx, out_scores, valid = nms_groups(cfg, boxes_t.reshape(-1, 4), scores_t.reshape(-1), groups, b)
+    # padded rows gather index 0, as the padded op returns
+    local = torch.where(idx >= 0, idx - torch.arange(b, device=dev)[:, None] * n, 0)
+    bx = torch.gather(boxes_t, 1, local[..., None].expand(-1, -1, 4))
+    limit = torch.tensor([image_size[0], image_size[1], image_size[0], image_size[1]], dtype=torch.float32,
+                         device=dev)
+    bx = torch.minimum(torch.maximum(bx, torch.zeros((), device=dev)), limit)  # np.clip(boxes, 0, limit)
+    if image_scale is not None:
+        scales = torch.as_tensor(image_scale, dtype=torch.float32).reshape(-1).to(dev).expand(b)
+        bx = bx * scales[:, None, None]
+    out_classes = torch.gather(classes_t, 1, local).to(torch.float32) + 1
+    return Detections(bx, out_scores, out_classes, valid)
 
 
 def _top_k_stable(values: np.ndarray, k: int) -> np.ndarray:
@@ -137,16 +157,13 @@ def reduce_candidates(cls: Tensor, box: Tensor, k: int) -> tuple[Tensor, Tensor,
     return idx, cls.index_select(0, idx), box.index_select(0, idx)
 
 
-def postprocess_per_class(cfg: EfficientDetConfig, cls: Tensor, box: Tensor, anchors: Tensor,
-                          image_scale: Tensor | float | None = None) -> Detections:
-    """The official COCO-eval path (per-class soft-NMS over the top ``eval_max_nms_inputs`` pairs)."""
+def per_class_candidates(cfg: EfficientDetConfig, cls: Tensor, box: Tensor,
+                         anchors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """COCO-eval NMS inputs of a batch, on the CPU: per image the top ``eval_max_nms_inputs``
+    (anchor, class) logits (ties: lower index), their decoded boxes ``[M, 4]``, sigmoid scores ``[M]``
+    and group ``image · C + class`` ``[M]`` (within a group: top-k order, as the official slices)."""
     b, n, c = cls.shape
-    k = cfg.max_detections
-    out_boxes = np.zeros((b, k, 4), np.float32)
-    out_scores = np.zeros((b, k), np.float32)
-    out_classes = np.zeros((b, k), np.float32)
-    valid = np.zeros((b,), np.int64)
-    scales = _as_scales(image_scale, b)
+    flat_boxes, flat_scores, flat_groups = [], [], []
     for i in range(b):
         rows, cls_i, box_i = reduce_candidates(cls[i].detach(), box[i].detach(), cfg.eval_max_nms_inputs)
         cls_np = cls_i.float().cpu().numpy().reshape(-1)
@@ -154,23 +171,36 @@ def postprocess_per_class(cfg: EfficientDetConfig, cls: Tensor, box: Tensor, anc
         anchor_idx, class_idx = top // c, top % c
         pick = torch.from_numpy(anchor_idx).to(box_i.device)
         dec = decode_boxes(box_i.float()[pick], anchors[rows.to(anchors.device)][pick.to(anchors.device)])
-        dec = dec.detach().float().cpu().numpy()
-        scores = torch.sigmoid(torch.from_numpy(cls_np[top])).numpy()
-        all_boxes, all_scores, all_classes = [], [], []
-        for cid in range(c):
-            m = np.nonzero(class_idx == cid)[0]
-            if len(m) == 0:
-                continue
-            sel, sc = _nms(cfg, dec[m], scores[m])
-            all_boxes.append(dec[m][sel])
-            all_scores.append(sc)
-            all_classes.append(np.full((len(sel),), cid + 1, np.float32))
-        if all_scores:
-            cat_boxes = np.concatenate(all_boxes)
-            cat_scores = np.concatenate(all_scores)
-            cat_classes = np.concatenate(all_classes)
-        else:
-            cat_boxes, cat_scores, cat_classes = np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+        flat_boxes.append(dec.detach().float().cpu())
+        flat_scores.append(torch.sigmoid(torch.from_numpy(cls_np[top])))
+        flat_groups.append(torch.from_numpy(class_idx + i * c))
+    return torch.cat(flat_boxes), torch.cat(flat_scores), torch.cat(flat_groups)
+
+
+def postprocess_per_class(cfg: EfficientDetConfig, cls: Tensor, box: Tensor, anchors: Tensor,
+                          image_scale: Tensor | float | None = None) -> Detections:
+    """The official COCO-eval path (per-class soft-NMS over the top ``eval_max_nms_inputs`` pairs).
+
+    The candidates of all images leave the device once; one batched NMS runs over every
+    (image, class) group; the final top-100 per image is a stable sort of ≤ ``C·K`` rows.
+    """
+    b, n, c = cls.shape
+    k = cfg.max_detections
+    out_boxes = np.zeros((b, k, 4), np.float32)
+    out_scores = np.zeros((b, k), np.float32)
+    out_classes = np.zeros((b, k), np.float32)
+    valid = np.zeros((b,), np.int64)
+    scales = _as_scales(image_scale, b)
+    all_boxes, all_scores, groups = per_class_candidates(cfg, cls, box, anchors)
+    idx, nms_scores, counts = nms_groups(cfg, all_boxes, all_scores, groups, b * c)
+    all_boxes = all_boxes.numpy()
+    idx, nms_scores, counts = idx.numpy().reshape(b, c, k), nms_scores.numpy().reshape(b, c, k), counts.numpy()
+    slots = np.arange(k)
+    for i in range(b):
+        sel = slots[None, :] < counts[i * c:(i + 1) * c, None]  # [C, K], class order then NMS order
+        cat_scores = nms_scores[i][sel]
+        cat_boxes = all_boxes[idx[i][sel]]
+        cat_classes = np.broadcast_to(np.arange(1, c + 1, dtype=np.float32)[:, None], (c, k))[sel]
         order = _top_k_stable(cat_scores, k)
         m = len(order)
         bx = cat_boxes[order]

@@ -1,0 +1,88 @@
+"""The official post-processing, vectorised vs the scalar reference, in the same run, as ratios.
+
+    python benchmarks/bench_nms.py [--repeats 5] [--device cpu]
+
+Inputs: the official heads recorded on the chelsea image (golden/ and ../shared/golden/: d0, d1,
+lite0 at 256×256, synthetic seed-1234 weights — every one of the 12 276 anchors passes the 0.001
+score threshold, the hardest case for soft-NMS). Rows: the inference NMS (global, one group per
+image) and the COCO-eval NMS (per class, top 5000 pairs), at batch 1 and 8 (the image repeated),
+time per image; the reference runs the scalar NMSV5 group after group. Interleaved, median of N.
+Both give identical detections (checked here once per row).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from effdet_torch.anchors import generate_anchors
+from effdet_torch.config import get_config
+from effdet_torch.postprocess import nms_groups, nms_groups_reference, per_class_candidates, pre_nms_global
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = {"efficientdet-d0": REPO / "golden/efficientdet-d0/tensors_chelsea.npz",
+         "efficientdet-d1": REPO.parent / "shared/golden/efficientdet-d1/tensors_chelsea.npz",
+         "efficientdet-lite0": REPO.parent / "shared/golden/efficientdet-lite0/tensors_chelsea.npz"}
+
+
+def heads(variant: str, npz: Path) -> tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recorded NHWC heads → ``cls [1, N, C]``, ``box [1, N, 4]`` (official anchor order), anchors."""
+    z = np.load(npz)
+    size = z["input/chelsea_preprocessed"].shape[1:3]
+    cfg = get_config(variant, image_size=tuple(size))
+    levels = range(cfg.min_level, cfg.max_level + 1)
+    cls = torch.cat([torch.from_numpy(z[f"chelsea/class_net/level{lv}"]).reshape(1, -1, cfg.num_classes)
+                     for lv in levels], 1)
+    box = torch.cat([torch.from_numpy(z[f"chelsea/box_net/level{lv}"]).reshape(1, -1, 4) for lv in levels], 1)
+    return cfg, cls, box, torch.from_numpy(generate_anchors(cfg, tuple(size)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}; ms per image, "
+          f"median of {args.repeats} interleaved runs")
+    print(f"{'case':<34} {'reference':>10} {'vectorised':>11} {'ratio':>7}")
+    for variant, npz in CASES.items():
+        if not npz.exists():
+            continue
+        cfg, cls, box, anchors = heads(variant, npz)
+        for bsz in args.batch:
+            c, b = cls.expand(bsz, -1, -1), box.expand(bsz, -1, -1)
+            bx, sc, _ = pre_nms_global(c, b, anchors)
+            glob = (bx.reshape(-1, 4), sc.reshape(-1), torch.arange(bsz).repeat_interleave(sc.shape[1]), bsz)
+            pc = per_class_candidates(cfg, c, b, anchors)
+            per = (*pc, bsz * cfg.num_classes)
+            for name, inputs in (("global", glob), ("per-class", per)):
+                on_dev = tuple(t.to(dev) if torch.is_tensor(t) else t for t in inputs)
+                want = nms_groups_reference(cfg, *inputs)
+                got = nms_groups(cfg, *on_dev)
+                assert all(torch.equal(w, g_.cpu()) for w, g_ in zip(want, got)), f"{variant} {name}: differ"
+                fns = {"ref": lambda: nms_groups_reference(cfg, *inputs), "vec": lambda: _sync(nms_groups(cfg, *on_dev))}
+                t = {k: [] for k in fns}
+                for _ in range(args.repeats):
+                    for k, fn in fns.items():
+                        s = time.perf_counter()
+                        fn()
+                        t[k].append((time.perf_counter() - s) * 1000 / bsz)
+                r, v = statistics.median(t["ref"]), statistics.median(t["vec"])
+                label = f"{variant.replace('efficientdet-', '')} {name} batch {bsz}"
+                print(f"{label:<34} {r:10.1f} {v:11.1f} {v / r:7.3f}", flush=True)
+
+
+def _sync(out):
+    if out[0].is_cuda:
+        torch.cuda.synchronize()
+    return out
+
+
+if __name__ == "__main__":
+    main()
