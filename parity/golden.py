@@ -55,8 +55,11 @@ class TapResult:
         """JSON-ready: shape as a list, ``verdict``, non-finite numbers as null."""
         d = asdict(self)
         d["shape"] = list(self.shape)
+        d["passed"] = bool(self.passed)
         d["verdict"] = "pass" if self.passed else "FAIL"
         for k, v in d.items():
+            if isinstance(v, np.generic):  # numpy scalars (np.bool_ is no JSON type)
+                d[k] = v = v.item()
             if isinstance(v, float) and not np.isfinite(v):
                 d[k] = None
         return d
@@ -140,7 +143,7 @@ def detection_noise(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple
             continue
         j = cand[k]
         used[j] = True
-        ds = max(ds, abs(as_[i] - bs[j]))
+        ds = max(ds, float(abs(as_[i] - bs[j])))
         db = max(db, float(np.abs(ab[i] - bb[j]).max()))
     return ds, db
 

@@ -21,7 +21,7 @@ from effdet_torch.ops import same_padding
 from effdet_torch.taps import record_all_taps
 from parity.cli import main as cli_main
 from parity.compare import compare_reference
-from parity.golden import run_golden
+from parity.golden import run_golden, write_json
 from parity.live import load_npz
 from parity.rules import FP64_NOISE_FACTOR, NOISE_FACTOR, REL_TOL, U32, U64, fp64_noise, is_float64_reference, \
     tensor_bounds
@@ -189,10 +189,16 @@ def test_rule_arithmetic():
 
 
 @pytest.mark.shared_golden
-def test_fp32_goldens_report_both_numbers(d0_model, shared_golden):
+def test_fp32_goldens_report_both_numbers(d0_model, shared_golden, tmp_path):
     """Every fp32 tensor tap carries the rule's tolerance and the measured fp32-vs-fp64 noise, and the
-    noise is real rounding: far below the rule on a real image for d0 (measured ≤ 2e-6 relative)."""
-    results = run_golden(d0_model, PROJECT_GOLDEN / "efficientdet-d0" / "tensors_chelsea.npz")
+    noise is real rounding: far below the rule on a real image for d0 (measured ≤ 2e-6 relative).
+    The --json file holds both, one entry per key of the golden."""
+    golden = PROJECT_GOLDEN / "efficientdet-d0" / "tensors_chelsea.npz"
+    results = run_golden(d0_model, golden)
+    write_json(results, tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert set(data) == set(np.load(golden).files)
+    assert data["detections/chelsea/scores"]["passed"] is True and data["detections/chelsea/scores"]["noise"] > 0
     net = [r for r in results if r.key.split("/")[1:2] and r.key.split("/")[1] in ("backbone", "fpn", "box_net")]
     assert len(net) >= 20
     for r in net:
