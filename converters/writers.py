@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from effdet_torch.config import VARIANTS, resolve_variant_name
+from effdet_torch.model import state_dict_mismatch
 
 from .convert import EMA_SUFFIX, _atomic_write
 from .name_map import Layout, MapEntry, name_map_for
@@ -85,22 +86,9 @@ def official_arrays(state: Mapping[str, torch.Tensor], variant: str,
     except ExportError as e:
         raise ExportError(f"{source}: {e}") from None
     entries = name_map_for(variant, num_classes=classes)
-    wanted = {e.torch_key for e in entries}
-    missing = [e.torch_key for e in entries if e.torch_key not in state]
-    unexpected = [k for k in state if k not in wanted]
-    torch_shape = {e.torch_key: _torch_shape(e) for e in entries}
-    wrong = [(k, tuple(state[k].shape), torch_shape[k]) for k in state if k in wanted
-             and tuple(state[k].shape) != torch_shape[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{source}: does not fit {variant} ({classes} classes)"]
-        if wrong:
-            k, got, want = wrong[0]
-            parts.append(f"first shape mismatch: {k}: {list(got)} vs {list(want)} ({len(wrong)} keys)")
-        if missing:
-            parts.append(f"{len(missing)} keys missing, e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
-        raise ExportError("; ".join(parts))
+    parts = state_dict_mismatch(state, {e.torch_key: _torch_shape(e) for e in entries})
+    if parts:
+        raise ExportError(f"{source}: does not fit {variant} ({classes} classes); " + "; ".join(parts))
     arrays: dict[str, np.ndarray] = {}
     for e in entries:
         t = state[e.torch_key].detach()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -127,20 +127,26 @@ def create_model(name: str, num_classes: int | None = None, checkpoint: str | os
     return model.eval().to(memory_format=torch.channels_last)
 
 
+def state_dict_mismatch(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """What keeps ``state`` from loading into a model whose keys have ``shapes``: one phrase each for
+    the first misshapen key (and their count), the missing keys and the unexpected keys; empty when it fits."""
+    missing = [k for k in shapes if k not in state]
+    unexpected = [k for k in state if k not in shapes]
+    wrong = [(k, tuple(state[k].shape), tuple(v)) for k, v in shapes.items()
+             if k in state and tuple(state[k].shape) != tuple(v)]
+    parts = []
+    if wrong:
+        k, got, want = wrong[0]
+        parts.append(f"{len(wrong)} shape mismatch(es), first {k}: checkpoint {got} vs model {want}")
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[:3]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}")
+    return parts
+
+
 def _strict_load(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            k, got, want = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatch(es), first {k}: checkpoint {got} vs model {want}")
-        if missing:
-            parts.append(f"{len(missing)} missing, e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}")
+    parts = state_dict_mismatch(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    if parts:
         raise ValueError(f"{source}: does not fit {model.config.name}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)

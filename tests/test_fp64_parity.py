@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from effdet_torch.model import create_model
-from effdet_torch.ops import same_padding
 from effdet_torch.taps import record_all_taps
 from parity.cli import main as cli_main
 from parity.compare import compare_reference
@@ -26,6 +23,7 @@ from parity.live import load_npz
 from parity.rules import FP64_NOISE_FACTOR, NOISE_FACTOR, REL_TOL, U32, U64, fp64_noise, is_float64_reference, \
     tensor_bounds
 
+from .breakages import flip_same_padding
 from .conftest import PROJECT_GOLDEN
 
 torch.set_grad_enabled(False)
@@ -117,18 +115,6 @@ def test_fp64_golden_command(shared_golden, synth_ckpt_dir, variant, tmp_path, c
 
 
 # ------------------------------------------------------------------------ broken models fail
-def _flip_padding(conv) -> None:
-    """One SAME conv pads top/left instead of bottom/right (a classic port bug)."""
-    def forward(self, x):
-        kh, kw = self.kernel_size
-        top, bottom = same_padding(x.shape[-2], kh, self.stride[0])
-        left, right = same_padding(x.shape[-1], kw, self.stride[1])
-        return F.conv2d(F.pad(x, (right, left, bottom, top)), self.weight, self.bias, self.stride, 0,
-                        self.dilation, self.groups)
-
-    conv.forward = types.MethodType(forward, conv)
-
-
 def _shifted_nearest(x: torch.Tensor, size) -> torch.Tensor:
     """Nearest upsample whose source index is off by one: ``min(floor(dst·in/out) + 1, in - 1)``."""
     if tuple(x.shape[-2:]) == tuple(size):
@@ -140,7 +126,7 @@ def _shifted_nearest(x: torch.Tensor, size) -> torch.Tensor:
 
 BREAKAGES = {
     "bn_epsilon": lambda m, mp: setattr(m.backbone.blocks[5].bn_dw, "eps", 1e-5),
-    "same_pad_flipped": lambda m, mp: _flip_padding(m.backbone.blocks[3].conv_dw),
+    "same_pad_flipped": lambda m, mp: flip_same_padding(m.backbone.blocks[3].conv_dw),
     "fusion_epsilon": lambda m, mp: mp.setattr("effdet_torch.bifpn._WEIGHT_EPSILON", 1e-3),
     "nearest_off_by_one": lambda m, mp: mp.setattr("effdet_torch.bifpn.resize_nearest_tf1", _shifted_nearest),
 }

@@ -6,16 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import re
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from effdet_torch.model import create_model
-from effdet_torch.ops import same_padding
 from effdet_torch.taps import record_all_taps, record_taps, tap_modules
 from parity.cli import main as cli_main
 from parity.compare import first_divergence, official_layer_guess, run_ours, tap_family, tensor_stat
@@ -25,6 +22,7 @@ from parity.record import is_golden_key, write_golden
 from parity.report import Report, error_chart_png, format_summary, format_table, write_html, write_json
 from parity.visualize import layout_size, pair_detections, render_comparison
 
+from .breakages import flip_same_padding
 from .conftest import PROJECT_GOLDEN
 
 torch.set_grad_enabled(False)
@@ -146,23 +144,11 @@ def test_compare_cli_on_golden(d0_ckpt, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------ a broken model
-def _flip_padding(conv) -> None:
-    """Make one SAME conv pad top/left instead of bottom/right (a classic port bug)."""
-    def forward(self, x):
-        kh, kw = self.kernel_size
-        top, bottom = same_padding(x.shape[-2], kh, self.stride[0])
-        left, right = same_padding(x.shape[-1], kw, self.stride[1])
-        return F.conv2d(F.pad(x, (right, left, bottom, top)), self.weight, self.bias, self.stride, 0,
-                        self.dilation, self.groups)
-
-    conv.forward = types.MethodType(forward, conv)
-
-
 BREAKAGES = {
     # name: (break, first tap vs the detailed reference, its module, first tap vs the coarse golden)
     "bn_eps_backbone": (lambda m: setattr(m.backbone.blocks[5].bn_dw, "eps", 1e-5),
                         "random/backbone/block5", "backbone.blocks.5", "random/backbone/level4"),
-    "padding_flipped": (lambda m: _flip_padding(m.backbone.blocks[3].conv_dw),
+    "padding_flipped": (lambda m: flip_same_padding(m.backbone.blocks[3].conv_dw),
                         "random/backbone/block3", "backbone.blocks.3", "random/backbone/level3"),
     "bn_eps_bifpn_node": (lambda m: setattr(m.fpn.cells[1].fnodes[3].bn, "eps", 1e-5),
                           "random/fpn/cell1/fnode3", "fpn.cells.1.fnodes.3", "random/fpn/cell1/level3"),
