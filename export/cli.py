@@ -55,7 +55,8 @@ def _common(p: argparse.ArgumentParser, image: bool, device: bool = False) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].strip("`: "),
+    p = argparse.ArgumentParser(prog=PROG, description="An EfficientDet to ONNX or torch.export (.pt2), or back "
+                                "to the official TensorFlow formats (TF1 release checkpoint, Keras .h5).",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{onnx,torch-export,tf1,h5}")
     o = sub.add_parser("onnx", help="ONNX (opset 20), checked with onnx.checker and run once with onnxruntime",
