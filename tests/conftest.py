@@ -80,3 +80,25 @@ def synth_ckpt_dir(tmp_path_factory: pytest.TempPathFactory):
         return cache[variant]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def official(automl_dir) -> Path:
+    """The official checkout, once TensorFlow and tf-keras are importable (its code runs in a subprocess)."""
+    import importlib.util
+
+    for mod in ("tensorflow", "tf_keras", "yaml"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"the official code needs {mod!r} (pip install -e .[tf])")
+    return automl_dir
+
+
+@pytest.fixture(scope="session")
+def chelsea_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-image's ``chelsea`` sample as a PNG file (PNG decodes identically in PIL and TF)."""
+    from PIL import Image
+    from skimage import data
+
+    p = tmp_path_factory.mktemp("img") / "chelsea.png"
+    Image.fromarray(data.chelsea()).save(p)
+    return p

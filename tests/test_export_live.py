@@ -9,7 +9,6 @@ official config then gets ``num_classes``, as ``--hparams num_classes=N`` would 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,24 +20,6 @@ from export.cli import main as export_main
 from parity.cli import main as parity_main
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def official(automl_dir) -> Path:
-    for mod in ("tensorflow", "tf_keras", "yaml"):
-        if importlib.util.find_spec(mod) is None:
-            pytest.skip(f"the official code needs {mod!r} (pip install -e .[tf])")
-    return automl_dir
-
-
-@pytest.fixture(scope="module")
-def chelsea_png(tmp_path_factory) -> Path:
-    from PIL import Image
-    from skimage import data
-
-    p = tmp_path_factory.mktemp("img") / "chelsea.png"
-    Image.fromarray(data.chelsea()).save(p)
-    return p
 
 
 @pytest.fixture(scope="module")
