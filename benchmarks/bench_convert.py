@@ -2,7 +2,7 @@
 
     python benchmarks/bench_convert.py CKPT VARIANT [--repeats 3]
 
-Each conversion runs in a fresh subprocess (``python -m converters.cli``), so the peak RSS
+Each conversion runs in a fresh subprocess (``python -m effdet_cli.convert``), so the peak RSS
 (``ru_maxrss`` of the child) is the conversion's own, including the interpreter and torch import;
 a subprocess that only imports them gives the baseline in the same run. Reported: median wall time,
 peak RSS, the checkpoint's bytes on disk and peak RSS ÷ checkpoint size.
@@ -52,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             out = Path(tmp) / f"out{i}.pth"
-            conv.append(_run([sys.executable, "-m", "converters.cli", args.variant, "--ckpt", str(args.ckpt),
+            conv.append(_run([sys.executable, "-m", "effdet_cli.convert", args.variant, "--ckpt", str(args.ckpt),
                               "-o", str(out)]))
     size = _size(args.ckpt) / 2**20
     bt, bm = statistics.median(t for t, _ in base), max(m for _, m in base)

@@ -49,7 +49,7 @@ def main() -> None:
     ours = create_model(args.variant, image_size=args.size)
     bn = Path(__file__).resolve().parents[1] / "golden" / "bn_stats" / f"{ours.config.name}.npz"
     if bn.exists():
-        from converters.synth import write_synth_checkpoint
+        from fixtures.synth_ckpt import write_synth_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = write_synth_checkpoint(ours.config.name, tmp, bn_stats_path=bn, progress=False)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """CPU vs CUDA on the official COCO-eval path: do the two devices give the same detections and AP?
 
-Self-contained: writes a synthetic COCO-format set (``effdet_torch.synthetic_coco``), regenerates
-the official-format d0 checkpoint from the project's ``golden/`` (``converters.synth``, seed 1234,
+Self-contained: writes a synthetic COCO-format set (``fixtures.synthetic_coco``), regenerates
+the official-format d0 checkpoint from the project's ``golden/`` (``fixtures.synth_ckpt``, seed 1234,
 the bundled BN side-car), runs ``run_eval`` on the CPU and twice on CUDA (TF32 off, as
 ``effdet-eval`` does by default), and prints
 
@@ -55,11 +55,11 @@ def main(argv=None) -> int:
         print("gpu_eval_check: CUDA is not available (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
 
-    from converters.synth import write_synth_checkpoint
-    from effdet_torch.coco import COCO_METRIC_NAMES, CocoEvalImages, category_mapping, evaluate_coco, load_annotations
-    from effdet_torch.evaluate import detection_agreement, run_eval
+    from fixtures.synth_ckpt import write_synth_checkpoint
+    from evaluation.coco import COCO_METRIC_NAMES, CocoEvalImages, category_mapping, evaluate_coco, load_annotations
+    from evaluation.evaluate import detection_agreement, run_eval
     from effdet_torch.model import create_model
-    from effdet_torch.synthetic_coco import annotations_from_detections, make_synthetic_coco
+    from fixtures.synthetic_coco import annotations_from_detections, make_synthetic_coco
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_eval_check_") as tmp:

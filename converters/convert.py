@@ -7,16 +7,18 @@ anything missing, unexpected, of the wrong shape, or not finite — naming the v
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from effdet_torch.checkpoint import load_state_dict_file, register_checkpoint_loader
 from effdet_torch.config import VARIANTS, resolve_variant_name
+from effdet_torch.files import atomic_write, sha256_file
+
+from . import EMA_SUFFIX, OFFICIAL_CLASS_BIAS
 
 from .name_map import MapEntry, name_map_for
 from .sources import CheckpointError, CheckpointSource, open_checkpoint
@@ -25,11 +27,12 @@ __all__ = [
     "ConversionError",
     "ConversionResult",
     "convert_checkpoint",
+    "load_official",
     "load_state_dict_file",
+    "official_num_classes",
     "save_state_dict",
 ]
 
-EMA_SUFFIX = "/ExponentialMovingAverage"
 IGNORED_SUFFIXES = ("/Momentum",)
 IGNORED_KEYS = ("global_step",)
 
@@ -108,17 +111,22 @@ def _check_fit(source: CheckpointSource, entries: list[MapEntry], variant: str, 
     raise ConversionError("; ".join(lines))  # one line: file, fault, first variable and shapes
 
 
+def official_num_classes(source: CheckpointSource, variant: str) -> int | None:
+    """Classes of an official checkpoint: its class predictor's bias (raw or EMA) has ``A · classes``
+    channels; None when the checkpoint has neither."""
+    anchors = VARIANTS[resolve_variant_name(variant)].num_anchors
+    for key in (OFFICIAL_CLASS_BIAS, OFFICIAL_CLASS_BIAS + EMA_SUFFIX):
+        if key in source:
+            return int(source.shape(key)[0]) // anchors
+    return None
+
+
 def convert_checkpoint(path: str | os.PathLike, variant: str, ema: bool = True,
                        num_classes: int | None = None, progress: bool = False) -> ConversionResult:
     """Convert an official checkpoint of ``variant`` (TF1 dir/prefix/tarball or Keras ``.h5``)."""
     variant = resolve_variant_name(variant)
     with open_checkpoint(path) as source:
-        classes = num_classes
-        if classes is None:  # the class head's width tells the number of classes
-            key = "class_net/class-predict/bias"
-            if key in source:
-                anchors = VARIANTS[variant].num_anchors
-                classes = source.shape(key)[0] // anchors
+        classes = num_classes if num_classes is not None else official_num_classes(source, variant)
         entries = name_map_for(variant, num_classes=classes)
         ignored = _check_fit(source, entries, variant, ema)
         take_ema = source.kind == "tf1" and ema
@@ -143,24 +151,6 @@ def convert_checkpoint(path: str | os.PathLike, variant: str, ema: bool = True,
                                 len(entries), ignored)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets the usual permissions
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, force: bool = False,
                     metadata: dict[str, str] | None = None) -> str:
     """Write ``.pth`` (torch.save) or ``.safetensors`` atomically; return the file's sha256."""
@@ -171,39 +161,17 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, for
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     else:
         def write_pth(tmp: str) -> None:
             with open(tmp, "wb") as f:  # a file object keeps the archive's root name fixed ("archive"),
                 torch.save(state, f)    # so the same weights always give the same sha256
-        _atomic_write(path, write_pth)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        atomic_write(path, write_pth)
+    return sha256_file(path)
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a converted ``.pth`` safely (``weights_only=True``) and check it is a state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a loadable torch file with weights_only=True ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                       for k, v in obj.items()):
-        raise CheckpointError(f"{path}: not a state_dict (expected a dict of str -> Tensor, got {type(obj).__name__})")
-    return obj
+@register_checkpoint_loader
+def load_official(path: str, variant: str, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The reader ``effdet_torch.create_model``/``load_checkpoint`` use for official checkpoints
+    (registered as the ``effdet_torch.checkpoint_loaders`` entry point)."""
+    return convert_checkpoint(path, variant, ema=ema).state_dict

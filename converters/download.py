@@ -38,6 +38,17 @@ class DownloadError(RuntimeError):
     """A download that could not be completed; the message says why and what is left on disk."""
 
 
+#: the official release file of every variant (google/automl README)
+RELEASE_URLS = {
+    **{f"efficientdet-d{i}": f"https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco2/efficientdet-d{i}.tar.gz"
+       for i in range(8)},
+    "efficientdet-d7x": "https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco2/efficientdet-d7x.tar.gz",
+    **{f"efficientdet-lite{i}": f"https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco/efficientdet-lite{i}.tgz"
+       for i in (0, 1, 2, 3, 4)},
+    "efficientdet-lite3x": "https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco/efficientdet-lite3x.tgz",
+}
+
+
 def release_url(variant: str, official_url: str) -> str:
     """The URL to fetch: ``official_url``, or ``$EFFDET_RELEASE_BASE_URL/<file name>`` when set."""
     base = os.environ.get(BASE_URL_ENV, "").strip()

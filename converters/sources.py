@@ -208,3 +208,20 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
 
 def iter_keys(source: CheckpointSource) -> Iterator[str]:
     yield from source.keys()
+
+
+RELEASE_SUFFIXES = ("", ".tar.gz", ".tgz", ".tar", ".h5")
+
+
+def find_release_file(variant: str, where: str | os.PathLike) -> Path | None:
+    """The official checkpoint of ``variant`` in ``where``, named as the release files: a folder
+    ``efficientdet-d0/`` holding a ``*.index`` (the folder that holds it is returned),
+    ``efficientdet-d0.tar.gz`` / ``.tgz`` / ``.tar`` or ``efficientdet-d0.h5``; None when absent."""
+    root = Path(where)
+    for suf in RELEASE_SUFFIXES:
+        p = root / f"{variant}{suf}"
+        if suf == "" and p.is_dir() and any(p.rglob("*.index")):
+            return p if any(p.glob("*.index")) or (p / "checkpoint").is_file() else next(p.rglob("*.index")).parent
+        if suf and p.is_file():
+            return p
+    return None

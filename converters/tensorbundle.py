@@ -26,7 +26,6 @@ from __future__ import annotations
 import codecs
 import os
 import re
-import secrets
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,9 @@ from typing import Any, BinaryIO
 
 import google_crc32c
 import numpy as np
+
+from effdet_torch.checkpoint import CheckpointError
+from effdet_torch.files import atomic_write_many
 
 __all__ = [
     "CheckpointError",
@@ -47,12 +49,8 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
-    """A TensorBundle checkpoint is missing, truncated, corrupt or unsupported.
-
-    The message always names the offending file and, where relevant, the
-    variable.
-    """
+# CheckpointError (a TensorBundle checkpoint is missing, truncated, corrupt or unsupported; the message
+# names the file and, where relevant, the variable) is the model library's one checkpoint error.
 
 
 # --------------------------------------------------------------------------
@@ -897,13 +895,11 @@ def write_bundle(
     data_path = data_shard_path(prefix)
 
     keyed = sorted(((str(k).encode("utf-8", "surrogateescape"), k) for k in tensors), key=lambda t: t[0])
-    tag = secrets.token_hex(6)
-    tmp_data = directory / f".{prefix.name}.data.tmp-{os.getpid()}-{tag}"
-    tmp_index = directory / f".{prefix.name}.index.tmp-{os.getpid()}-{tag}"
-    try:
-        items: list[tuple[bytes, bytes]] = [(b"", _encode_header())]
+    items: list[tuple[bytes, bytes]] = [(b"", _encode_header())]
+
+    def write_data(tmp: str) -> None:
         offset = 0
-        with _create_exclusive(tmp_data) as f:
+        with open(tmp, "wb") as f:
             for raw_key, key in keyed:
                 dt, shape, chunks, entry_crc = _to_tf(key, tensors[key])
                 crc = 0
@@ -918,43 +914,12 @@ def write_bundle(
                 # TF stores the masked crc even of zero bytes (mask(0) != 0) and checks it.
                 items.append((raw_key, _encode_entry(dt, shape, offset, size, mask_crc(crc))))
                 offset += size
-            f.flush()
-            os.fsync(f.fileno())
-        table = _build_table(items, block_size=block_size, restart_interval=restart_interval)
-        with _create_exclusive(tmp_index) as f:
-            f.write(table)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            index_path.unlink()
-        except FileNotFoundError:
-            pass
-        os.replace(tmp_data, data_path)
-        os.replace(tmp_index, index_path)
-    except BaseException:
-        for t in (tmp_data, tmp_index):
-            try:
-                t.unlink()
-            except FileNotFoundError:
-                pass
-        raise
-    _fsync_dir(directory)
 
+    def write_index(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(_build_table(items, block_size=block_size, restart_interval=restart_interval))
 
-def _create_exclusive(path: Path) -> BinaryIO:
-    # os.open with 0o666 honours the umask (mkstemp would force 0600).
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    return os.fdopen(fd, "wb")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    # both files are staged first; the old index goes, then the data and last the new index are renamed
+    # in: a reader never sees an index with other data, a failed write leaves the old checkpoint intact
+    atomic_write_many([(data_path, write_data), (index_path, write_index)],
+                      before_rename=lambda: index_path.unlink(missing_ok=True))

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from effdet_torch.checkpoint import CheckpointError, num_classes_of
 from effdet_torch.config import VARIANTS, resolve_variant_name
+from effdet_torch.files import atomic_write
 from effdet_torch.model import state_dict_mismatch
 
-from .convert import EMA_SUFFIX, _atomic_write
+from . import EMA_SUFFIX
 from .name_map import Layout, MapEntry, name_map_for
-from .tensorbundle import CheckpointError, write_bundle
+from .tensorbundle import write_bundle
 
 __all__ = [
     "ExportError",
@@ -39,7 +41,6 @@ __all__ = [
     "keras_weight_order",
     "official_arrays",
     "official_hparams",
-    "state_num_classes",
     "tf1_keys",
     "weight_names_chunks",
     "write_keras_h5",
@@ -52,24 +53,11 @@ H5_ROOT_ATTRS = {"backend": "tensorflow", "keras_version": "2.21.0"}
 H5_ATTR_LIMIT = 64512
 #: tf_keras writes the model's own (here: none) weights to this group, not listed in ``layer_names``.
 H5_TOP_LEVEL_GROUP = "top_level_model_weights"
-CLASS_BIAS_KEY = "class_net.predict.conv_pw.bias"
 BN_STATS = ("moving_mean", "moving_variance")
 
 
 class ExportError(CheckpointError):
     """The state dict does not fit the variant, or holds values the official format cannot take."""
-
-
-def state_num_classes(state: Mapping[str, torch.Tensor], variant: str) -> int:
-    """Classes of a state dict, from the class predictor's bias (``A · num_classes`` channels)."""
-    variant = resolve_variant_name(variant)
-    if CLASS_BIAS_KEY not in state:
-        raise ExportError(f"not an EfficientDet state dict (no {CLASS_BIAS_KEY!r})")
-    width = int(state[CLASS_BIAS_KEY].shape[0])
-    anchors = VARIANTS[variant].num_anchors
-    if width % anchors:
-        raise ExportError(f"{CLASS_BIAS_KEY} has {width} channels, not a multiple of {anchors} anchors")
-    return width // anchors
 
 
 def official_arrays(state: Mapping[str, torch.Tensor], variant: str,
@@ -82,7 +70,7 @@ def official_arrays(state: Mapping[str, torch.Tensor], variant: str,
     """
     variant = resolve_variant_name(variant)
     try:
-        classes = state_num_classes(state, variant)
+        classes = num_classes_of(state, VARIANTS[resolve_variant_name(variant)].num_anchors)
     except ExportError as e:
         raise ExportError(f"{source}: {e}") from None
     entries = name_map_for(variant, num_classes=classes)
@@ -142,7 +130,7 @@ def write_tf1_checkpoint(state: Mapping[str, torch.Tensor], variant: str, out_di
 
     def write_into(d: Path) -> None:
         write_bundle(d / "model", tensors)
-        _atomic_write(d / "checkpoint", lambda tmp: Path(tmp).write_text(
+        atomic_write(d / "checkpoint", lambda tmp: Path(tmp).write_text(
             'model_checkpoint_path: "model"\nall_model_checkpoint_paths: "model"\n'))
 
     if out.is_dir() and any(out.iterdir()):
@@ -269,7 +257,7 @@ def write_keras_h5(state: Mapping[str, torch.Tensor], variant: str, path: str | 
     if path.exists() and not force:
         raise FileExistsError(f"{path}: already exists; pass --force (force=True) to overwrite")
     entries, arrays = official_arrays(state, variant, source)
-    classes = state_num_classes(state, variant)
+    classes = num_classes_of(state, VARIANTS[resolve_variant_name(variant)].num_anchors)
     layers = keras_layer_names(variant, classes)
     order = keras_weight_order(entries)
     unknown = [k for k in order if k not in layers]
@@ -289,7 +277,7 @@ def write_keras_h5(state: Mapping[str, torch.Tensor], variant: str, path: str | 
                     g.create_dataset(e.tf_name + ":0", data=arrays[e.tf_name])
             _set_weight_names(f.create_group(H5_TOP_LEVEL_GROUP), [])
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 

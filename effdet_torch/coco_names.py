@@ -31,9 +31,11 @@ COCO_CATEGORIES: dict[int, str] = {
 COCO_UNUSED_IDS: tuple[int, ...] = tuple(i for i in range(1, 91) if i not in COCO_CATEGORIES)
 
 
-def coco_class_name(class_id: int) -> str:
-    """The COCO name of a 1-based official class id; unused or unknown ids are named by their id."""
-    return COCO_CATEGORIES.get(int(class_id), str(int(class_id)))
+def coco_class_name(class_id: int | float) -> str:
+    """The COCO name of a 1-based official class id (float ids from detection rows are rounded);
+    unused or unknown ids are named by their id."""
+    i = int(round(float(class_id)))
+    return COCO_CATEGORIES.get(i, str(i))
 
 
 def label_map(num_classes: int = 90) -> dict[int, str]:

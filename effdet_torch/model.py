@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .backbone import EfficientNetBackbone
 from .bifpn import BiFpn
+from .checkpoint import load_checkpoint, num_classes_of
 from .config import EfficientDetConfig, get_config
 from .head import HeadNet
 
@@ -63,32 +64,6 @@ class EfficientDet(nn.Module):
         self.config = replace(self.config, num_classes=num_classes)
 
 
-def _is_state_dict_file(path: str) -> bool:
-    return str(path).endswith((".pth", ".pt", ".safetensors"))
-
-
-def load_checkpoint(path: str | os.PathLike, variant: str | None = None, ema: bool = True) -> dict[str, Tensor]:
-    """A torch state dict from a converted ``.pth``/``.safetensors`` or any official checkpoint.
-
-    Official formats (TF1 directory/prefix/tarball, Keras ``.h5``) are converted on the fly by
-    :mod:`converters`, which then needs ``variant``.
-    """
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    if _is_state_dict_file(path):
-        from converters.convert import load_state_dict_file
-
-        return load_state_dict_file(path)
-    if variant is None:
-        raise ValueError(f"{path}: converting an official checkpoint needs the variant name")
-    from converters.convert import convert_checkpoint
-
-    return convert_checkpoint(path, variant, ema=ema).state_dict
-
-
 def create_model(name: str, num_classes: int | None = None, checkpoint: str | os.PathLike | None = None,
                  image_size: int | str | Sequence[int] | None = None, ema: bool = True) -> EfficientDet:
     """Build an official EfficientDet variant, optionally loading weights.
@@ -111,10 +86,7 @@ def create_model(name: str, num_classes: int | None = None, checkpoint: str | os
         model = EfficientDet(get_config(name, image_size=image_size, num_classes=num_classes))
         return model.eval().to(memory_format=torch.channels_last)
     state = load_checkpoint(checkpoint, base.name, ema=ema)
-    key = "class_net.predict.conv_pw.bias"
-    if key not in state:
-        raise ValueError(f"{checkpoint}: not an EfficientDet state dict (no {key!r})")
-    ckpt_classes = state[key].shape[0] // base.num_anchors
+    ckpt_classes = num_classes_of(state, base.num_anchors, source=str(checkpoint))
     model = EfficientDet(get_config(name, image_size=image_size, num_classes=ckpt_classes))
     _strict_load(model, state, str(checkpoint))
     if num_classes is not None and num_classes != ckpt_classes:

@@ -110,9 +110,9 @@ def export_onnx(model: EfficientDet, image_size: tuple[int, int], path: str | os
                         f"{list(model.config.stddev_rgb)}); effdet-parity export")
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
-        from converters.convert import _atomic_write
+        from effdet_torch.files import atomic_write
 
-        _atomic_write(Path(path), lambda tmp: onnx.save(proto, tmp))
+        atomic_write(Path(path), lambda tmp: onnx.save(proto, tmp))
     return proto
 
 

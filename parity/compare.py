@@ -33,8 +33,9 @@ from effdet_torch.postprocess import flatten_outputs, postprocess_global, postpr
 from effdet_torch.preprocess import preprocess_image
 from effdet_torch.taps import record_taps, tap_modules
 
-from .golden import TapResult, class_tie_result, compare_detections, detection_noise, golden_cases, strict_fp32
+from .references import golden_cases
 from .rules import NOISE_FACTOR, fp64_noise, is_float64_reference, tensor_bounds
+from .verdicts import TapResult, class_tie_result, compare_detections, detection_noise, strict_fp32
 
 __all__ = ["TapStat", "compare_reference", "compare_runs", "first_divergence", "official_layer_guess", "run_ours", "tap_family",
            "tensor_stat"]
@@ -42,7 +43,7 @@ __all__ = ["TapStat", "compare_reference", "compare_runs", "first_divergence", "
 
 @dataclass
 class TapStat(TapResult):
-    """A :class:`~parity.golden.TapResult` with what the report shows beside it."""
+    """A :class:`~parity.verdicts.TapResult` with what the report shows beside it."""
 
     cosine: float | None = None  # None where it means nothing (counts, matched detections)
     family: str = ""

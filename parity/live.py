@@ -20,10 +20,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from .compare import compare_reference
 from .official_worker import PROGRESS_PREFIX
+from .references import load_npz, sibling_heads  # noqa: F401  (re-exported: the live commands read goldens too)
 
 __all__ = ["Case", "OfficialError", "OfficialRun", "case_name", "compare_against", "detect_num_classes",
-           "find_release_ckpt", "load_npz", "official_run", "prepare_official_ckpt", "sibling_heads"]
+           "load_npz", "official_run", "prepare_official_ckpt", "sibling_heads"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,18 +55,16 @@ def case_name(path: str | os.PathLike) -> str:
     return stem if stem != "random" else "random_image"
 
 
-def detect_num_classes(ckpt: str | os.PathLike, num_anchors: int = 9) -> int | None:
-    """Classes of an official checkpoint, from ``class_net/class-predict/bias`` (None if unknown)."""
+def detect_num_classes(ckpt: str | os.PathLike, variant: str) -> int | None:
+    """Classes of an official checkpoint (None if unreadable or without a class head)."""
+    from converters.convert import official_num_classes
     from converters.sources import CheckpointError, open_checkpoint
 
     try:
         with open_checkpoint(ckpt) as src:
-            for key in ("class_net/class-predict/bias", "class_net/class-predict/bias/ExponentialMovingAverage"):
-                if key in src:
-                    return int(src.shape(key)[0]) // num_anchors
+            return official_num_classes(src, variant)
     except (CheckpointError, OSError):
         return None
-    return None
 
 
 def prepare_official_ckpt(ckpt: str | os.PathLike, tmp: Path) -> str:
@@ -102,7 +102,7 @@ def official_run(automl_dir: str | os.PathLike, variant: str, ckpt: str | os.Pat
         tdir = Path(td)
         ck = prepare_official_ckpt(ckpt, tdir / "ckpt")
         if num_classes is None:
-            num_classes = detect_num_classes(ck)
+            num_classes = detect_num_classes(ck, variant)
         spec_cases = []
         for c in cases:
             if c.kind == "random":
@@ -161,52 +161,5 @@ def compare_against(model, ref: Mapping[str, np.ndarray], image_size: tuple[int,
                     layer_paths: Mapping[str, str] | None = None, detailed: bool = True):
     """Run ours on the inputs of ``ref`` and compare every tap; returns ``(stats, ours)``
     (:func:`parity.compare.compare_reference`: the noise is measured unless ``strict``)."""
-    from .compare import compare_reference
-
     return compare_reference(model, ref, image_size=image_size, device=device, strict=strict, heads_ref=heads_ref,
                              layer_paths=layer_paths, detailed=detailed)
-
-
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
-def sibling_heads(path: Path, ref: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Class/box outputs of the cases that ``ref`` records detections for but not heads, from the
-    other ``.npz`` files of ``path``'s folder (``tensors_chelsea.npz`` records eval detections of the
-    random case whose heads are in ``tensors*.npz``)."""
-    cases = {k.split("/")[1] for k in ref if k.startswith(("detections/", "eval_detections/"))}
-    missing = {c for c in cases if not any(k.startswith(f"{c}/class_net/level") for k in ref)}
-    out: dict[str, np.ndarray] = {}
-    if not missing:
-        return out
-    for p in sorted(path.parent.glob("*.npz")):
-        if p.resolve() == path.resolve():
-            continue
-        try:
-            z = np.load(p)
-        except (OSError, ValueError):
-            continue
-        with z:
-            for k in z.files:
-                if k.split("/")[0] in missing and re.fullmatch(r"[^/]+/(class|box)_net/level\d+", k):
-                    out.setdefault(k, z[k])
-    return out
-
-
-RELEASE_SUFFIXES = ("", ".tar.gz", ".tgz", ".tar", ".h5")
-
-
-def find_release_ckpt(ckpt_dir: str | os.PathLike, variant: str) -> Path | None:
-    """The checkpoint of ``variant`` in ``ckpt_dir``, named as the release files: a folder
-    ``efficientdet-d0/`` (with ``*.index``), ``efficientdet-d0.tar.gz`` / ``.tgz`` / ``.tar`` or
-    ``efficientdet-d0.h5`` (None when absent)."""
-    root = Path(ckpt_dir)
-    for suf in RELEASE_SUFFIXES:
-        p = root / f"{variant}{suf}"
-        if suf == "" and p.is_dir() and any(p.rglob("*.index")):
-            return p if any(p.glob("*.index")) or (p / "checkpoint").is_file() else next(p.rglob("*.index")).parent
-        if suf and p.is_file():
-            return p
-    return None

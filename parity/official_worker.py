@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from converters import EMA_SUFFIX
+
 PROGRESS_PREFIX = "@@progress "
 OFFICIAL_FILES = ("tf2/efficientdet_keras.py", "tf2/postprocess.py", "tf2/anchors.py", "tf2/util_keras.py",
                   "backbone/efficientnet_model.py", "hparams_config.py", "dataloader.py", "utils.py")
@@ -187,7 +189,7 @@ def _load_report(tf, model, ckpt: str) -> dict:
     n_ema, not_ema, used = 0, [], set()
     for w in model.weights:
         name = w.name[:-2] if w.name.endswith(":0") else w.name
-        ema = name + "/ExponentialMovingAverage"
+        ema = name + EMA_SUFFIX
         src = ema if ema in keys else name
         if src in keys:
             used.update({name, ema} & keys)

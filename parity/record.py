@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import time
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from effdet_torch.files import sha256_array, write_json
 
 __all__ = ["CONVENTIONS", "is_golden_key", "write_golden"]
 
@@ -55,10 +55,6 @@ def is_golden_key(key: str) -> bool:
     if key == "anchors" or key.startswith(("input/", "detections/", "eval_detections/")):
         return True
     return bool(_GOLDEN_TAP.fullmatch(key))
-
-
-def _sha256_array(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
 def write_golden(out_dir: str | os.PathLike, run: Mapping[str, np.ndarray], meta: Mapping,
@@ -100,7 +96,7 @@ def write_golden(out_dir: str | os.PathLike, run: Mapping[str, np.ndarray], meta
         "mean_rgb": meta.get("mean_rgb"),
         "stddev_rgb": meta.get("stddev_rgb"),
         "cases": cases,
-        "sha256_of_input_arrays": {k: _sha256_array(v) for k, v in golden.items() if k.startswith("input/")},
+        "sha256_of_input_arrays": {k: sha256_array(v) for k, v in golden.items() if k.startswith("input/")},
         "tensors": {k: [list(v.shape), str(v.dtype)] for k, v in golden.items()},
         "detailed_tensors": ({k: [list(v.shape), str(v.dtype)] for k, v in rest.items()} if detailed else {}),
         "npz_bytes": paths["tensors"].stat().st_size,
@@ -109,7 +105,5 @@ def write_golden(out_dir: str | os.PathLike, run: Mapping[str, np.ndarray], meta
     }
     if extra_meta:
         m.update(extra_meta)
-    tmp = paths["meta"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(m, indent=1, default=str))
-    os.replace(tmp, paths["meta"])
+    write_json(paths["meta"], m)
     return paths

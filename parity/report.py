@@ -9,13 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from effdet_torch import files
 
 from .compare import TapStat, family_summary, first_divergence
 
@@ -163,9 +164,7 @@ def _tap_json(s: TapStat) -> dict:
 
 
 def write_json(report: Report, path: str | os.PathLike) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(_report_dict(report), indent=1, default=str))
-    os.replace(tmp, path)
+    files.write_json(path, _report_dict(report))
 
 
 def error_chart_png(stats: list[TapStat], width: int = 1100, height: int = 260) -> bytes:
@@ -294,6 +293,4 @@ def write_html(report: Report, path: str | os.PathLike) -> None:
     p.append("<h2>Tolerances</h2><ul>" + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>"
                                                   for k, v in _report_dict(report)["tolerances"].items()) + "</ul>")
     p.append("</body></html>")
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text("\n".join(p), encoding="utf-8")
-    os.replace(tmp, path)
+    files.atomic_write_text(path, "\n".join(p))

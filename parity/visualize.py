@@ -19,8 +19,9 @@ from typing import Mapping
 
 import numpy as np
 
-from .coco_names import class_name
-from .golden import REL_TOL, box_iou, match_detections
+from effdet_torch.coco_names import coco_class_name as class_name
+from .rules import REL_TOL
+from .verdicts import box_iou, match_detections
 
 __all__ = ["Pairing", "layout_size", "pair_detections", "render_comparison"]
 
@@ -86,7 +87,8 @@ def layout_size(image_hw: tuple[int, int], n_rows: int) -> tuple[int, int]:
     return width, height
 
 
-def _font(size: int = 12):
+def load_font(size: int = 12):
+    """Pillow's default font at ``size`` pixels (the fixed bitmap font on Pillow < 10.1)."""
     from PIL import ImageFont
 
     try:
@@ -157,7 +159,7 @@ def render_comparison(image: np.ndarray, official: Mapping[str, np.ndarray], our
     width, height = layout_size((h, w), n_rows)
     canvas = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(canvas)
-    font, small = _font(13), _font(11)
+    font, small = load_font(13), load_font(11)
     base = Image.fromarray(img).resize((pw, ph), Image.BILINEAR) if (pw, ph) != (w, h) else Image.fromarray(img)
     # Each panel is drawn on its own copy of the image, so boxes past the image (the inference path
     # clips to the padded network input, not to the image) are cut at the panel's edge.

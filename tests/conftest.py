@@ -62,7 +62,7 @@ def tf_or_skip():
 @pytest.fixture(scope="session")
 def synth_ckpt_dir(tmp_path_factory: pytest.TempPathFactory):
     """``synth_ckpt_dir(variant)`` → a regenerated official-format checkpoint (cached per session)."""
-    from converters.synth import write_synth_checkpoint
+    from fixtures.synth_ckpt import write_synth_checkpoint
 
     cache: dict[str, Path] = {}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from effdet_bench.cli import main
+from effdet_cli.bench import main
 
 
 def test_bench_smoke_json(tmp_path, capsys):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.cli import main as convert_main
+from effdet_cli.convert import main as convert_main
 from converters.convert import ConversionError, convert_checkpoint, load_state_dict_file, save_state_dict
 from converters.name_map import Layout, format_map, name_map_for
 from converters.sources import CheckpointError, safe_extract
@@ -340,7 +340,7 @@ def test_create_model_resets_only_the_class_head(tmp_path, d0_state):
 
 def test_momentum_slots_and_global_step_are_ignored(tmp_path):
     """A training checkpoint (with /Momentum slots) converts to the same weights as the release one."""
-    from converters.synth import write_synth_checkpoint
+    from fixtures.synth_ckpt import write_synth_checkpoint
 
     bn = PROJECT_GOLDEN / "bn_stats" / "efficientdet-d0.npz"
     plain = write_synth_checkpoint("d0", tmp_path / "plain", bn_stats_path=bn, golden_dir=PROJECT_GOLDEN, progress=False)

@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from converters import cli, download as dl
-from converters.cli import main as convert_main
+from converters import download as dl
+from converters.download import RELEASE_URLS
+from effdet_cli import convert as cli
+from effdet_cli.convert import main as convert_main
 from converters.convert import convert_checkpoint, load_state_dict_file
 
 from .conftest import PROJECT_GOLDEN
@@ -146,7 +148,7 @@ def _same_state(path: Path, ref: dict) -> bool:
 
 
 def test_release_url_override(monkeypatch):
-    official = cli.RELEASE_URLS["efficientdet-lite0"]
+    official = RELEASE_URLS["efficientdet-lite0"]
     monkeypatch.delenv(dl.BASE_URL_ENV, raising=False)
     assert dl.release_url("efficientdet-lite0", official) == official
     monkeypatch.setenv(dl.BASE_URL_ENV, "http://127.0.0.1:9/mirror/")
@@ -280,7 +282,7 @@ def test_verify_other_weights_is_not_applicable(in_ckpt_dir, capsys):
 
 
 def test_verify_without_a_golden_says_so(in_ckpt_dir, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "REPO_GOLDEN", in_ckpt_dir / "nowhere")
+    monkeypatch.setenv("EFFDET_GOLDEN_DIR", str(in_ckpt_dir / "nowhere"))
     assert convert_main(["d0", "-q", "--verify"]) == 0
     assert "no golden recorded for efficientdet-d0" in capsys.readouterr().out
 

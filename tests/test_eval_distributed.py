@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from effdet_torch.coco import category_mapping, load_annotations
-from effdet_torch.synthetic_coco import annotations_from_detections, make_synthetic_coco
+from evaluation.coco import category_mapping, load_annotations
+from fixtures.synthetic_coco import annotations_from_detections, make_synthetic_coco
 
 REPO = Path(__file__).resolve().parents[1]
 # Synthetic weights overflow exp() in box decoding on some anchors: numpy and pycocotools warn about
@@ -48,8 +48,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_two_process_eval_equals_one_process(tmp_path, synth_ckpt_dir):
-    from effdet_torch.coco import CocoEvalImages, coco_results, evaluate_coco
-    from effdet_torch.evaluate import run_eval
+    from evaluation.coco import CocoEvalImages, coco_results, evaluate_coco
+    from evaluation.evaluate import run_eval
     from effdet_torch.model import create_model
 
     ann = make_synthetic_coco(tmp_path / "data", num_images=3, seed=11, max_size=128)
@@ -78,7 +78,7 @@ def test_two_process_eval_equals_one_process(tmp_path, synth_ckpt_dir):
 
     out, metrics = tmp_path / "dist.json", tmp_path / "m.json"
     p = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-              "--master-port", str(_free_port()), "-m", "effdet_torch.eval_cli",
+              "--master-port", str(_free_port()), "-m", "effdet_cli.evaluate",
               "--variant", "d0", "--weights", str(weights), "--images", str(tmp_path / "data" / "images"),
               "--annotations", str(pseudo_ann), "--image-size", "128", "--batch-size", "1", "--workers", "1",
               "--post-workers", "0", "--no-progress", "--out", str(out), "--metrics-out", str(metrics)])

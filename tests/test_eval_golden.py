@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from effdet_torch.coco import CocoEvalImages, category_mapping, evaluate_coco, rows_to_array
+from evaluation.coco import CocoEvalImages, category_mapping, evaluate_coco, rows_to_array
 from effdet_torch.detector import Detector
-from effdet_torch.evaluate import run_eval
-from effdet_torch.synthetic_coco import annotations_from_detections
+from evaluation.evaluate import run_eval
+from fixtures.synthetic_coco import annotations_from_detections
 from parity.golden import REL_TOL, match_detections
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "efficientdet-d0" / "tensors_chelsea.npz"

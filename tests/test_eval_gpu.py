@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from effdet_torch.coco import CocoEvalImages, category_mapping, evaluate_coco, load_annotations
-from effdet_torch.evaluate import detection_agreement, run_eval
-from effdet_torch.synthetic_coco import annotations_from_detections, make_synthetic_coco
+from evaluation.coco import CocoEvalImages, category_mapping, evaluate_coco, load_annotations
+from evaluation.evaluate import detection_agreement, run_eval
+from fixtures.synthetic_coco import annotations_from_detections, make_synthetic_coco
 
 pytestmark = [
     pytest.mark.gpu,

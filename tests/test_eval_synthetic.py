@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from effdet_torch.coco import (
+from evaluation.coco import (
     COCO_METRIC_NAMES,
     CocoEvalImages,
     category_mapping,
@@ -23,13 +23,13 @@ from effdet_torch.coco import (
     rows_to_array,
 )
 from effdet_torch.config import get_config
-from effdet_torch.eval_cli import OFFICIAL_VAL_AP, check_official
-from effdet_torch.eval_cli import main as eval_main
-from effdet_torch.evaluate import ShardedBatchSampler, postprocess_reduced, reduce_candidates
+from effdet_cli.evaluate import OFFICIAL_VAL_AP, check_official
+from effdet_cli.evaluate import main as eval_main
+from evaluation.evaluate import ShardedBatchSampler, postprocess_reduced, reduce_candidates
 from effdet_torch.anchors import generate_anchors
 from effdet_torch.postprocess import postprocess_per_class
-from effdet_torch.synthetic_coco import make_synthetic_coco
-from effdet_torch.synthetic_coco import main as synth_main
+from fixtures.synthetic_coco import make_synthetic_coco
+from fixtures.synthetic_coco import main as synth_main
 
 REPO = Path(__file__).resolve().parents[1]
 # Synthetic weights overflow exp() in box decoding on some anchors: numpy and pycocotools warn about
@@ -189,7 +189,7 @@ def test_reduced_candidates_give_identical_detections():
 
 def _run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "effdet_torch.eval_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "effdet_cli.evaluate", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=300, **kw)
 
 
@@ -226,7 +226,7 @@ def test_effdet_eval_end_to_end(synth, d0_pth, tmp_path):
     np.testing.assert_allclose(ev.stats, [m["metrics"][k] for k in COCO_METRIC_NAMES], atol=1e-12)
 
     # the same run in-process with batch 1 and no workers: batch-size independent up to fp32 noise
-    from effdet_torch.evaluate import detection_agreement
+    from evaluation.evaluate import detection_agreement
 
     out1 = tmp_path / "results1.json"
     assert eval_main(["--variant", "d0", "--weights", str(d0_pth), "--images", str(synth / "images"),

@@ -218,7 +218,7 @@ def test_no_overwrite_without_force(d0_state, tmp_path):
 
 def test_cli_tf1_h5(tmp_path, capsys):
     from converters.convert import save_state_dict
-    from export.cli import main as export_main
+    from effdet_cli.export import main as export_main
 
     state = _random_state("lite0", num_classes=7)
     pth = tmp_path / "l7.pth"
@@ -249,7 +249,7 @@ def test_cli_tf1_h5(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_torch_export(tmp_path, capsys):
     from converters.convert import save_state_dict
-    from export.cli import main as export_main
+    from effdet_cli.export import main as export_main
 
     state = _random_state("lite0")
     save_state_dict(state, tmp_path / "l.pth")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from converters.convert import convert_checkpoint, save_state_dict
-from export.cli import main as export_main
-from parity.cli import main as parity_main
+from effdet_cli.export import main as export_main
+from effdet_cli.parity import main as parity_main
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 

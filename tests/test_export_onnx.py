@@ -25,7 +25,7 @@ onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install -
 ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (pip install -e .[export])")
 pytest.importorskip("onnxscript", reason="torch.onnx's exporter needs onnxscript (pip install -e .[export])")
 
-from export.cli import main as export_main  # noqa: E402
+from effdet_cli.export import main as export_main  # noqa: E402
 from export.network import export_program, output_names  # noqa: E402
 from export.onnx_export import OPSET, export_onnx, postprocess_onnx  # noqa: E402
 

@@ -16,7 +16,7 @@ import torch
 
 from effdet_torch.model import create_model
 from effdet_torch.taps import record_all_taps
-from parity.cli import main as cli_main
+from effdet_cli.parity import main as cli_main
 from parity.compare import compare_reference
 from parity.golden import run_golden, write_json
 from parity.live import load_npz

@@ -20,7 +20,7 @@ from PIL import Image
 
 from converters.convert import convert_checkpoint, save_state_dict
 from effdet_torch.coco_names import COCO_CATEGORIES, COCO_UNUSED_IDS, coco_class_name, label_map
-from effdet_torch.infer_cli import atomic_write, main as infer_main
+from effdet_cli.infer import atomic_write, main as infer_main
 from parity.golden import SCORE_TOL, match_detections
 
 from .conftest import PROJECT_GOLDEN, REPO
@@ -194,7 +194,7 @@ def test_atomic_write_killed_leaves_no_file_under_the_final_name(tmp_path):
     code = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from effdet_torch.infer_cli import atomic_write\n"
+        "from effdet_cli.infer import atomic_write\n"
         "def w(tmp):\n"
         "    Path(tmp).write_bytes(b'\\x89PNG half')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

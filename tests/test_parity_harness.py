@@ -14,7 +14,7 @@ import torch
 
 from effdet_torch.model import create_model
 from effdet_torch.taps import record_all_taps, record_taps, tap_modules
-from parity.cli import main as cli_main
+from effdet_cli.parity import main as cli_main
 from parity.compare import first_divergence, official_layer_guess, run_ours, tap_family, tensor_stat
 from parity.golden import run_golden
 from parity.live import OfficialError, case_name, compare_against, load_npz, official_run, prepare_official_ckpt

@@ -22,10 +22,11 @@ import torch
 
 from effdet_torch.config import VARIANTS, get_config
 from effdet_torch.model import create_model
-from parity.cli import main as cli_main
+from effdet_cli.parity import main as cli_main
 from parity.compare import first_divergence, official_layer_guess, tensor_stat
 from parity.golden import class_tie_result
-from parity.live import Case, compare_against, find_release_ckpt, official_run
+from converters.sources import find_release_file
+from parity.live import Case, compare_against, official_run
 from parity.report import format_table
 
 from .conftest import PROJECT_GOLDEN, SHARED_GOLDEN
@@ -112,7 +113,7 @@ def test_live_release_checkpoint(official, ckpt_dir, chelsea_png, variant):
     if ckpt_dir is None:
         pytest.skip("pass --ckpt-dir DIR holding official release checkpoints (efficientdet-d0/, "
                     "efficientdet-d0.tar.gz, efficientdet-lite0.tgz, efficientdet-d0.h5, ...)")
-    ckpt = find_release_ckpt(ckpt_dir, variant)
+    ckpt = find_release_file(variant, ckpt_dir)
     if ckpt is None:
         pytest.skip(f"no {variant} checkpoint in {ckpt_dir} ({variant}/, .tar.gz, .tgz, .tar or .h5)")
     size = os.environ.get("EFFDET_PARITY_IMAGE_SIZE")

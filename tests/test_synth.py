@@ -1,4 +1,4 @@
-"""Tests for converters.synth: the synthetic release-checkpoint rule edet-synth-v2."""
+"""Tests for fixtures.synth_ckpt: the synthetic release-checkpoint rule edet-synth-v2."""
 
 from __future__ import annotations
 
@@ -15,13 +15,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-try:
-    from converters import synth
-except ImportError:  # plain `pytest` without the repo root on sys.path
-    sys.path.insert(0, str(REPO))
-    from converters import synth
+from fixtures import synth_ckpt as synth
 
-from converters.tensorbundle import TensorBundleReader  # noqa: E402
+from converters.tensorbundle import TensorBundleReader
+from effdet_torch.files import sha256_array
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 needs_golden = pytest.mark.skipif(
@@ -102,7 +99,7 @@ def test_d0_bit_exact_against_sha_list_and_tf_checkpoint():
     for k, want in ref["values"].items():
         arr = vals[k]
         assert arr.dtype.name == want["dtype"] and list(arr.shape) == want["shape"], k
-        assert synth.sha256_of(arr) == want["sha256"], f"sha256 mismatch: {k}"
+        assert sha256_array(arr) == want["sha256"], f"sha256 mismatch: {k}"
         sha_ok += 1
     assert sha_ok == 1419
 
@@ -151,7 +148,7 @@ def test_lite0_written_checkpoint_matches_sha_list(tmp_path):
         for k, want in ref["values"].items():
             arr = r.read(k)
             assert arr.dtype.name == want["dtype"] and list(arr.shape) == want["shape"], k
-            assert synth.sha256_of(arr) == want["sha256"], f"sha256 mismatch after read-back: {k}"
+            assert sha256_array(arr) == want["sha256"], f"sha256 mismatch after read-back: {k}"
             n_ok += 1
         # and identical to the in-memory generator
         manifest = synth.load_manifest(GOLDEN / "manifests" / "efficientdet-lite0.json.gz")
@@ -293,22 +290,25 @@ def test_seed_bn_stats_and_lazy_mapping():
 def test_load_manifest_by_name_and_path(tmp_path, monkeypatch):
     m = _tiny_manifest()
     (tmp_path / "manifests").mkdir()
-    with gzip.open(tmp_path / "manifests" / "efficientdet-tiny.json.gz", "wt") as f:
+    # variant names resolve by the one resolver (effdet_torch.config), so the test manifest stands in for d0
+    with gzip.open(tmp_path / "manifests" / "efficientdet-d0.json.gz", "wt") as f:
         json.dump(m, f)
     (tmp_path / "plain.json").write_text(json.dumps(m))
-    assert synth.load_manifest("tiny", golden_dir=tmp_path) == m
-    assert synth.load_manifest("efficientdet-tiny", golden_dir=tmp_path) == m
+    assert synth.load_manifest("d0", golden_dir=tmp_path) == m
+    assert synth.load_manifest("efficientdet-d0", golden_dir=tmp_path) == m
     monkeypatch.setenv("EFFDET_GOLDEN_DIR", str(tmp_path))
-    assert synth.load_manifest("tiny") == m
+    assert synth.load_manifest("D0") == m
     assert synth.load_manifest(tmp_path / "plain.json") == m
-    assert synth.load_manifest(str(tmp_path / "manifests" / "efficientdet-tiny.json.gz")) == m
-    with pytest.raises(FileNotFoundError, match="efficientdet-d9"):
+    assert synth.load_manifest(str(tmp_path / "manifests" / "efficientdet-d0.json.gz")) == m
+    with pytest.raises(FileNotFoundError, match="efficientdet-d1"):
+        synth.load_manifest("d1")
+    with pytest.raises(ValueError, match="unknown EfficientDet variant 'd9'"):
         synth.load_manifest("d9")
     missing = tmp_path / "nope.json.gz"
     with pytest.raises(FileNotFoundError, match=str(missing).replace("\\", "\\\\")):
         synth.load_manifest(missing)
     with pytest.raises(FileNotFoundError, match="no-such.npz"):
-        synth.write_synth_checkpoint("tiny", tmp_path / "o", bn_stats_path=tmp_path / "no-such.npz")
+        synth.write_synth_checkpoint("d0", tmp_path / "o", bn_stats_path=tmp_path / "no-such.npz")
 
 
 # --------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def test_cli_refuses_non_empty_dir_without_force(tmp_path, tiny_manifest_path, c
         assert set(r.keys()) == set(doc["values"])
         assert int(r.read("global_step")) == 123456
         for k, v in doc["values"].items():
-            assert synth.sha256_of(r.read(k)) == v["sha256"], k
+            assert sha256_array(r.read(k)) == v["sha256"], k
 
     # a fresh (missing or empty) directory needs no --force
     fresh = tmp_path / "fresh"
@@ -357,12 +357,12 @@ def test_cli_module_entry_point(tmp_path, tiny_manifest_path):
     (out / "x").write_text("x")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.run(
-        [sys.executable, "-m", "converters.synth", str(tiny_manifest_path), "-o", str(out)],
+        [sys.executable, "-m", "fixtures.synth_ckpt", str(tiny_manifest_path), "-o", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert p.returncode != 0 and str(out) in p.stderr
     h = subprocess.run(
-        [sys.executable, "-m", "converters.synth", "--help"],
+        [sys.executable, "-m", "fixtures.synth_ckpt", "--help"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert h.returncode == 0

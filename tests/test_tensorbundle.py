@@ -7,18 +7,13 @@ import json
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-try:
-    from converters import tensorbundle as tb
-except ImportError:  # plain `pytest` without the repo root on sys.path
-    sys.path.insert(0, str(REPO))
-    from converters import tensorbundle as tb
+from converters import tensorbundle as tb
 
 from converters.tensorbundle import (  # noqa: E402
     CheckpointError,

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from effdet_torch.synthetic_coco import COCO_CATEGORIES, make_synthetic_coco
-from training.train_cli import main, parse_number_list
+from fixtures.synthetic_coco import COCO_CATEGORIES, make_synthetic_coco
+from effdet_cli.train import main, parse_number_list
 
 
 def test_parse_number_list_is_safe():

@@ -302,7 +302,7 @@ def test_augment_equals_official_and_wrong_offset_is_flagged(rec, d0):
 
 
 def _cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "parity.cli", "train-golden", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "effdet_cli.parity", "train-golden", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from effdet_torch.coco import load_annotations, read_image_rgb
+from evaluation.coco import load_annotations, read_image_rgb
 
 from .augment import AugmentDraws, train_transform
 

@@ -37,6 +37,7 @@ import torch
 
 from converters.name_map import build_name_map
 from effdet_torch.anchors import generate_anchors
+from effdet_torch import files
 from effdet_torch.model import EfficientDet
 
 from .loss import LossConfig
@@ -398,12 +399,7 @@ def write_json(results: list[KeyResult], path: str | os.PathLike, force: bool = 
         for k, v in e.items():
             if isinstance(v, float) and not np.isfinite(v):
                 e[k] = None
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    files.write_json(path, data)
 
 
 PROG = "effdet-parity train-golden"

@@ -121,12 +121,12 @@ CHECK_TOL = 1e-4
 
 
 def _onnx(args: argparse.Namespace) -> int:
-    from converters.convert import _atomic_write
+    from effdet_torch.files import atomic_write
     from export.network import export_program
     from export.onnx_export import OPSET, export_onnx
 
     try:
-        import onnx  # noqa: F401
+        import onnx  # noqa: F401  (checked for: the exporter writes with it)
         import onnxruntime as ort
     except ImportError as e:
         _err(f"ONNX export needs onnx and onnxruntime ({e.name} missing): pip install -e .[export]")
@@ -143,7 +143,7 @@ def _onnx(args: argparse.Namespace) -> int:
         _err(f"onnxruntime's heads differ from the PyTorch model by {err:.2e} (relative) > {CHECK_TOL:g}; "
              f"nothing written")
         return 1
-    _atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
+    atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
     outs = [o.name for o in proto.graph.output]
     print(f"variant     {model.config.name} ({model.config.num_classes} classes)\n"
           f"input       image [batch, 3, {hw[0]}, {hw[1]}] float32, normalised RGB\n"
@@ -157,7 +157,7 @@ def _onnx(args: argparse.Namespace) -> int:
 def _torch_export(args: argparse.Namespace) -> int:
     import torch
 
-    from converters.convert import _atomic_write
+    from effdet_torch.files import atomic_write
     from export.network import export_program
 
     model, hw = _load_model(args)
@@ -170,7 +170,7 @@ def _torch_export(args: argparse.Namespace) -> int:
     if not err <= CHECK_TOL:
         _err(f"the exported program differs from eager by {err:.2e} (relative) > {CHECK_TOL:g}; nothing written")
         return 1
-    _atomic_write(args.output, lambda tmp: torch.export.save(program, tmp))
+    atomic_write(args.output, lambda tmp: torch.export.save(program, tmp))
     print(f"variant     {model.config.name} ({model.config.num_classes} classes), input [batch, 3, {hw[0]}, {hw[1]}]\n"
           f"check       exported program vs eager heads, random batch of 2: max rel. error {err:.1e}\n"
           f"output      {args.output} (torch.export.load(path).module()(x); {time.time() - t0:.0f} s)")
@@ -178,11 +178,13 @@ def _torch_export(args: argparse.Namespace) -> int:
 
 
 def _official(args: argparse.Namespace) -> int:
-    from converters.writers import official_hparams, state_num_classes, write_keras_h5, write_tf1_checkpoint
+    from converters.writers import official_hparams, write_keras_h5, write_tf1_checkpoint
+    from effdet_torch.checkpoint import num_classes_of
+    from effdet_torch.config import VARIANTS, resolve_variant_name
     from effdet_torch.model import load_checkpoint
 
     state = load_checkpoint(args.weights, args.variant)
-    classes = state_num_classes(state, args.variant)
+    classes = num_classes_of(state, VARIANTS[resolve_variant_name(args.variant)].num_anchors, source=str(args.weights))
     if args.command == "tf1":
         out = write_tf1_checkpoint(state, args.variant, args.output, global_step=args.global_step,
                                    force=args.force, source=str(args.weights))

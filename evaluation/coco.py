@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .preprocess import preprocess_image
+from effdet_torch.preprocess import preprocess_image
 
 __all__ = [
     "COCO_METRIC_NAMES",

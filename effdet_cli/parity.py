@@ -40,7 +40,7 @@ def _golden(args: argparse.Namespace) -> int:
     from effdet_torch.config import parse_image_size
     from effdet_torch.model import create_model
 
-    from .golden import format_results, run_golden, write_json
+    from parity.golden import format_results, run_golden, write_json
 
     if not Path(args.golden).is_file():
         print(f"effdet-parity golden: {args.golden}: no such file", file=sys.stderr)
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _lazy(name: str):
     def run(args: argparse.Namespace) -> int:
-        from . import commands
+        from parity import commands
 
         return getattr(commands, name)(args)
 
@@ -188,7 +188,7 @@ def _lazy(name: str):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "synth-ckpt":
-        from converters.synth import main as synth_main
+        from fixtures.synth_ckpt import main as synth_main
 
         return synth_main(argv[1:])
     if argv and argv[0] == "train-golden":  # lives in the training package, which sits above parity

@@ -119,13 +119,13 @@ def _pixel_scale(values, default) -> list[float]:
 def _save(path: Path, obj) -> None:
     import torch
 
-    from converters.convert import _atomic_write
+    from effdet_torch.files import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,10 +149,10 @@ def _run(args) -> int:
     from effdet_torch.config import get_config
     from effdet_torch.model import EfficientDet, create_model
 
-    from .data import CocoTrainDataset, collate
-    from .optim import CosineSchedule, KerasSGD, ModelEma
-    from .step import Trainer
-    from .targets import batch_targets
+    from training.data import CocoTrainDataset, collate
+    from training.optim import CosineSchedule, KerasSGD, ModelEma
+    from training.step import Trainer
+    from training.targets import batch_targets
 
     name = _variant(args)
     proj = load_project(Path(args.projects_dir) / f"{args.project}.yml")

@@ -7,17 +7,16 @@ annotated copy and a JSON of the detections with COCO class names.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from effdet_torch.files import atomic_write, write_json
 
 __all__ = ["InputError", "build_parser", "detections_to_rows", "draw_detections", "main"]
 
@@ -191,15 +190,6 @@ _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
             (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180)]
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def draw_detections(image: np.ndarray, rows: list[dict]) -> np.ndarray:
     """A copy of ``image`` with every row's box and ``name score`` label drawn."""
     from PIL import Image, ImageDraw
@@ -208,7 +198,9 @@ def draw_detections(image: np.ndarray, rows: list[dict]) -> np.ndarray:
     draw = ImageDraw.Draw(im)
     h, w = image.shape[:2]
     line = max(1, round(min(h, w) / 250))
-    font = _font(max(10, round(min(h, w) / 40)))
+    from parity.visualize import load_font
+
+    font = load_font(max(10, round(min(h, w) / 40)))
     for r in reversed(rows):  # the best on top
         color = _PALETTE[r["class_id"] % len(_PALETTE)]
         x0, y0, x1, y1 = r["box"]
@@ -226,42 +218,6 @@ def draw_detections(image: np.ndarray, rows: list[dict]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` into a hidden temporary beside ``path``, fsync, then rename onto ``path``.
-
-    A failure or interrupt removes the temporary; a killed process leaves at most a hidden
-    ``.<name>.*.tmp``, never a half file under ``path``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, doc: dict) -> None:
-    def w(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-
-    atomic_write(path, w)
-
 
 def write_image(path: Path, image: np.ndarray) -> None:
     from PIL import Image
@@ -283,9 +239,9 @@ class Runner:
     def __init__(self, args: argparse.Namespace, weights: Path, device) -> None:
         import torch
 
-        from .coco_names import coco_class_name
-        from .detector import Detector
-        from .model import create_model
+        from effdet_torch.coco_names import coco_class_name
+        from effdet_torch.detector import Detector
+        from effdet_torch.model import create_model
 
         self.torch = torch
         model = create_model(args.variant, checkpoint=weights, image_size=args.image_size)
@@ -315,7 +271,7 @@ def _find_weights(variant: str) -> Path | None:
     for name in (f"{variant}.pth", f"{variant}.safetensors"):
         if Path(name).is_file():
             return Path(name)
-    from converters.cli import find_release_file
+    from converters.sources import find_release_file
 
     return find_release_file(variant, Path.cwd())
 
@@ -464,7 +420,7 @@ def _err(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import parse_image_size, resolve_variant_name
+    from effdet_torch.config import parse_image_size, resolve_variant_name
 
     try:
         args.variant = resolve_variant_name(args.variant)

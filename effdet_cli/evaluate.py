@@ -3,9 +3,9 @@ official val2017 AP.
 
     effdet-eval --variant d0 --weights efficientdet-d0/ --images val2017 \\
         --annotations annotations/instances_val2017.json --device cuda --out results.json --expect-official
-    torchrun --nproc-per-node 4 -m effdet_torch.eval_cli --variant d0 ...     # sharded over 4 processes
+    torchrun --nproc-per-node 4 -m effdet_cli.evaluate --variant d0 ...     # sharded over 4 processes
 
-Pipeline (see :mod:`effdet_torch.evaluate`): images decoded and preprocessed as the official input
+Pipeline (see :mod:`evaluation.evaluate`): images decoded and preprocessed as the official input
 pipeline in DataLoader workers → batched network → top-5000 (anchor, class) pairs → per-class
 Gaussian soft-NMS → top 100 per image, boxes × image_scale (unclipped) → COCO results → pycocotools
 (the official ``coco_metric``'s calls). Prints pycocotools' 12-line summary and a compact table.
@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+from effdet_torch.files import write_json
 
 __all__ = ["OFFICIAL_VAL_AP", "OFFICIAL_AP_TOLERANCE", "check_official", "main"]
 
@@ -55,7 +57,7 @@ VAL2017_NUM_IMAGES = 5000
 
 def check_official(variant: str, ap: float, tolerance: float = OFFICIAL_AP_TOLERANCE) -> tuple[bool, str]:
     """``ap`` (a fraction, as pycocotools' ``stats[0]``) vs the official val2017 AP of ``variant``."""
-    from .config import resolve_variant_name
+    from effdet_torch.config import resolve_variant_name
 
     name = resolve_variant_name(variant)
     ref = OFFICIAL_VAL_AP[name]
@@ -102,11 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from .coco import (COCO_METRIC_NAMES, CocoEvalImages, category_mapping, coco_results, evaluate_coco,
+    from evaluation.coco import (COCO_METRIC_NAMES, CocoEvalImages, category_mapping, coco_results, evaluate_coco,
                        format_metrics, load_annotations)
-    from .config import get_config, resolve_variant_name
-    from .evaluate import broadcast_from_rank0, init_distributed, run_eval
-    from .model import create_model
+    from effdet_torch.config import get_config, resolve_variant_name
+    from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
+    from effdet_torch.model import create_model
 
     def fail(msg: str, code: int = 2) -> int:
         print(f"effdet-eval: error: {msg}", file=sys.stderr)
@@ -170,10 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"evaluated {len(out.image_ids)} images in {wall:.1f} s ({len(out.image_ids) / max(wall, 1e-9):.2f} images/s)")
         if args.out:
             res = coco_results(out.rows, cat_map, out.row_image_ids)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(str(args.out) + ".tmp")
-            tmp.write_text(json.dumps(res))
-            os.replace(tmp, args.out)
+            write_json(args.out, res, indent=None)
             log(f"wrote {len(res)} detections to {args.out}")
         stats = None
         if "annotations" in doc:

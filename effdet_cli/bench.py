@@ -21,7 +21,6 @@ threshold, its slowest case). Exit status: 0 done, 1 a run failed, 2 usage error
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -228,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"median of {args.repeats} interleaved runs; ratio = ours / effdet")
     print(format_table(rows))
     if out is not None:
-        from effdet_torch.infer_cli import write_json
+        from effdet_cli.infer import write_json
 
         write_json(out, {"machine": info, "device": args.device, "rows": rows})
         print(f"wrote {out}")

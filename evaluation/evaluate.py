@@ -35,11 +35,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .anchors import generate_anchors
+from effdet_torch.anchors import generate_anchors
 from .coco import rows_to_array
-from .config import EfficientDetConfig
-from .model import EfficientDet
-from .postprocess import flatten_outputs, postprocess_per_class, reduce_candidates
+from effdet_torch.config import EfficientDetConfig
+from effdet_torch.model import EfficientDet
+from effdet_torch.postprocess import flatten_outputs, postprocess_per_class, reduce_candidates
 
 __all__ = [
     "DistInfo",
@@ -212,7 +212,7 @@ def run_eval(model: EfficientDet, dataset: Dataset, device: str | torch.device =
              num_workers: int = 2, post_workers: int | str | None = "auto", progress: bool = True,
              dist: DistInfo | None = None, on_progress: Callable[[int], None] | None = None,
              allow_tf32: bool = False) -> EvalOutput:
-    """Run the official COCO-eval path over ``dataset`` (a :class:`~effdet_torch.coco.CocoEvalImages`).
+    """Run the official COCO-eval path over ``dataset`` (a :class:`~evaluation.coco.CocoEvalImages`).
 
     With a process group, this rank evaluates its share and rank 0 receives everybody's rows
     (other ranks get an :class:`EvalOutput` of their own rows only). On CUDA, TF32 matmuls and

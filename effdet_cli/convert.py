@@ -5,16 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from effdet_torch.config import VARIANTS, resolve_variant_name
-
-RELEASE_URLS = {
-    **{f"efficientdet-d{i}": f"https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco2/efficientdet-d{i}.tar.gz"
-       for i in range(8)},
-    "efficientdet-d7x": "https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco2/efficientdet-d7x.tar.gz",
-    **{f"efficientdet-lite{i}": f"https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco/efficientdet-lite{i}.tgz"
-       for i in (0, 1, 2, 3, 4)},
-    "efficientdet-lite3x": "https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco/efficientdet-lite3x.tgz",
-}
+import golden as golden_data
+from converters import EMA_SUFFIX
+from converters.download import RELEASE_URLS
+from converters.sources import RELEASE_SUFFIXES, find_release_file
+from effdet_torch.config import resolve_variant_name
+from effdet_torch.files import sha256_array
 
 EPILOG = """\
 examples:
@@ -47,27 +43,15 @@ converted file is kept).
 """
 
 
-def _candidates(variant: str, where: Path) -> list[Path]:
-    return [where / variant, where / f"{variant}.tar.gz", where / f"{variant}.tgz", where / f"{variant}.h5"]
-
-
-def find_release_file(variant: str, where: Path) -> Path | None:
-    for p in _candidates(variant, where):
-        if p.exists():
-            return p
-    return None
-
-
-#: the project's recorded goldens (present in a source checkout / editable install)
-REPO_GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 WEIGHTS_SHA_NAME = "model.values_sha256.json"
 
 
 def find_goldens(variant: str, explicit: Path | None = None) -> list[Path]:
-    """``--golden FILE``, else ``./golden/<variant>/*.npz``, else the project's ``golden/<variant>/*.npz``."""
+    """``--golden FILE``, else ``./golden/<variant>/*.npz``, else ``<variant>/*.npz`` in the recorded goldens
+    (:func:`golden.golden_dirs`: ``$EFFDET_GOLDEN_DIR``, the installed package data, the shared recordings)."""
     if explicit is not None:
         return [explicit]
-    for root in (Path.cwd() / "golden", REPO_GOLDEN):
+    for root in (Path.cwd() / "golden", *golden_data.golden_dirs()):
         found = sorted((root / variant).glob("*.npz"))
         if found:
             return found
@@ -87,8 +71,7 @@ def weights_mismatch(state: dict, variant: str, sha_json: Path) -> str | None:
     recorded); otherwise why not, in a few words."""
     import json
 
-    from .name_map import name_map_for
-    from .synth import sha256_of
+    from converters.name_map import name_map_for
 
     doc = json.loads(sha_json.read_text())
     if doc.get("variant") not in (None, variant):
@@ -99,8 +82,8 @@ def weights_mismatch(state: dict, variant: str, sha_json: Path) -> str | None:
     for e in entries:
         if e.torch_key not in state:
             return f"the converted model has no {e.torch_key}"
-        ours = sha256_of(e.layout.to_tf(state[e.torch_key].numpy()))
-        ema = values.get(e.tf_name + "/ExponentialMovingAverage", values.get(e.tf_name, {})).get("sha256")
+        ours = sha256_array(e.layout.to_tf(state[e.torch_key].numpy()))
+        ema = values.get(e.tf_name + EMA_SUFFIX, values.get(e.tf_name, {})).get("sha256")
         raw = values.get(e.tf_name, {}).get("sha256")
         n_ema += ours == ema
         n_raw += ours == raw
@@ -118,8 +101,8 @@ def verify_output(out: Path, variant: str, state: dict, golden: Path | None) -> 
     3 failed (or an explicit ``--golden`` recorded with other weights)."""
     goldens = find_goldens(variant, golden)
     if not goldens:
-        print(f"verify      no golden recorded for {variant} (looked in ./golden/{variant}/ and "
-              f"{REPO_GOLDEN / variant}/; pass --golden FILE): not verified")
+        looked = ", ".join(f"{d / variant}/" for d in (Path("golden"), *golden_data.golden_dirs()))
+        print(f"verify      no golden recorded for {variant} (looked in {looked}; pass --golden FILE): not verified")
         return 0
     from effdet_torch.model import create_model
     from parity.golden import run_golden
@@ -200,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert-ckpt: {e}", file=sys.stderr)
         return 2
     if args.print_map:
-        from .name_map import format_map, name_map_for
+        from converters.name_map import format_map, name_map_for
 
         print(format_map(name_map_for(variant)))
         return 0
@@ -220,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.force:  # refuse before fetching hundreds of MB
             print(f"convert-ckpt: {out} already exists; pass --force to overwrite", file=sys.stderr)
             return 2
-        from .download import DownloadError, download, release_url
+        from converters.download import DownloadError, download, release_url
 
         url = release_url(variant, RELEASE_URLS[variant])
         ckpt = Path.cwd() / url.rsplit("/", 1)[-1]
@@ -234,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ckpt = args.ckpt or find_release_file(variant, Path.cwd())
     if ckpt is None:
-        tried = ", ".join(str(p.name) + ("/" if i == 0 else "") for i, p in enumerate(_candidates(variant, Path.cwd())))
+        tried = ", ".join(f"{variant}{suf or '/'}" for suf in RELEASE_SUFFIXES)
         print(f"convert-ckpt: no checkpoint for {variant} in {Path.cwd()} (looked for {tried}).\n"
               f"  Download the official release file:\n    {RELEASE_URLS[variant]}\n"
               f"  then run this again in its folder, or pass --ckpt PATH (or use --download).", file=sys.stderr)
@@ -242,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.force:
         print(f"convert-ckpt: {out} already exists; pass --force to overwrite", file=sys.stderr)
         return 2
-    from .convert import convert_checkpoint, save_state_dict
-    from .sources import CheckpointError
+    from converters.convert import convert_checkpoint, save_state_dict
+    from converters.sources import CheckpointError
 
     try:
         res = convert_checkpoint(ckpt, variant, ema=not args.no_ema, progress=progress)

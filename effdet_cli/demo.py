@@ -1,6 +1,6 @@
 """The demo on the bundled fixture: regenerate the golden d0 checkpoint, convert it, prove parity.
 
-``python -m parity.demo [--out DIR]`` (what ``bash scripts/demo.sh`` runs):
+``python -m effdet_cli.demo [--out DIR]`` (what ``bash scripts/demo.sh`` runs):
 1. writes the official-format d0 release checkpoint from ``golden/`` (manifest + BN side-car +
    seed 1234) and checks every value's sha256 against the recorded list;
 2. converts it with ``convert-ckpt`` (EMA shadows) to ``efficientdet-d0.pth``;
@@ -25,7 +25,7 @@ def _step(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parity.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m effdet_cli.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "demo-out", help="output folder (default: demo-out/)")
     args = p.parse_args(argv)
@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from converters.cli import main as convert_main
-    from converters.synth import write_synth_checkpoint
+    from effdet_cli.convert import main as convert_main
+    from fixtures.synth_ckpt import write_synth_checkpoint
     from effdet_torch.model import create_model
 
-    from .golden import format_results, run_golden, write_json
+    from parity.golden import format_results, run_golden, write_json
 
     torch.set_grad_enabled(False)
     _step("1/5 official-format d0 checkpoint from golden/ (weights rule edet-synth-v2, seed 1234)")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from PIL import Image
 
-    from .cli import main as parity_main
+    from effdet_cli.parity import main as parity_main
 
     golden_chelsea = GOLDEN / "efficientdet-d0" / "tensors_chelsea.npz"
     image = out / "chelsea.png"  # scikit-image's bundled sample, as recorded in the golden

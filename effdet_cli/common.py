@@ -1,0 +1,91 @@
+"""The one convention of every console script.
+
+- ``--variant NAME``: ``d0``…``d7x``, ``lite0``…``lite4``, ``lite3x`` or the full official name; an
+  unknown name is a usage error that suggests the nearest names.
+- ``--weights PATH``: what is loaded (a converted ``.pth``/``.safetensors`` or an official checkpoint).
+- ``-o/--output PATH``: what is written; ``--device``: ``cpu``, ``cuda``, ``cuda:N`` (some tools: ``auto``).
+- Errors: one line ``<prog>: error: <what>`` on stderr (argparse's own format).
+- Exit status: 0 done, 1 bad input or a failed check, 2 usage error.
+
+Old spellings keep working as hidden aliases (``--ckpt`` for ``--weights``, ``--out`` for ``--output``,
+convert-ckpt's positional variant), so earlier commands and users' scripts keep running.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from effdet_torch.config import resolve_variant_name
+
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "VARIANT_HELP", "variant_type", "add_variant", "add_weights",
+           "add_output", "add_device", "check_required", "error"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+VARIANT_HELP = "d0..d7, d7x, lite0..lite4, lite3x, or the full official name (efficientdet-d0)"
+
+
+def variant_type(name: str) -> str:
+    """argparse ``type=``: the full official name of ``name``; unknown names name the nearest ones."""
+    try:
+        return resolve_variant_name(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_variant(p: argparse.ArgumentParser, required: bool = True, default: str | None = None,
+                nargs: str | None = None, help: str | None = None) -> None:
+    """``--variant NAME`` (resolved to the full official name)."""
+    kw = {"nargs": nargs} if nargs else {}
+    text = help or VARIANT_HELP
+    if default is not None:
+        text += f" (default {default})"
+    p.add_argument("--variant", type=variant_type, required=required and default is None, default=default,
+                   metavar="NAME", help=text, **kw)
+
+
+def add_weights(p: argparse.ArgumentParser, required: bool = True, help: str | None = None,
+                aliases: tuple[str, ...] = ("--ckpt",)) -> None:
+    """``--weights PATH``; ``aliases`` (default ``--ckpt``) are accepted and hidden from ``--help``."""
+    p.add_argument("--weights", metavar="PATH", dest="weights",
+                   help=help or "a converted .pth/.safetensors or an official checkpoint "
+                   "(TF1 folder/prefix, release tarball, Keras .h5)")
+    for a in aliases:
+        p.add_argument(a, dest="weights", metavar="PATH", help=argparse.SUPPRESS)
+    if required:  # checked by parse_args: argparse's own check would refuse the hidden alias
+        _required(p).append(("weights", "--weights"))
+
+
+def add_output(p: argparse.ArgumentParser, required: bool = False, default=None, help: str = "output path",
+               type=None) -> None:
+    """``-o/--output PATH``; the old ``--out`` is accepted and hidden from ``--help``."""
+    kw = {"type": type} if type else {}
+    p.add_argument("-o", "--output", dest="output", default=default, metavar="PATH", help=help, **kw)
+    p.add_argument("--out", dest="output", metavar="PATH", help=argparse.SUPPRESS, **kw)
+    if required:
+        _required(p).append(("output", "-o/--output"))
+
+
+def _required(p: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    if not hasattr(p, "_effdet_required"):
+        p._effdet_required = []  # type: ignore[attr-defined]
+    return p._effdet_required  # type: ignore[attr-defined]
+
+
+def check_required(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """argparse's "required" check for options that have hidden aliases (exit 2 when one is missing)."""
+    missing = [flag for dest, flag in _required(p) if getattr(args, dest, None) is None]
+    if missing:
+        p.error("the following arguments are required: " + ", ".join(missing))
+    return args
+
+
+def add_device(p: argparse.ArgumentParser, default: str = "cpu", help: str | None = None) -> None:
+    """``--device``: cpu, cuda or cuda:N (``auto``: cuda when available)."""
+    p.add_argument("--device", default=default, metavar="DEVICE",
+                   help=(help or "cpu, cuda or cuda:N") + f" (default {default})")
+
+
+def error(prog: str, message: str, code: int = EXIT_FAILED) -> int:
+    """Print ``<prog>: error: <message>`` on stderr and return ``code`` (1: bad input or a failed check)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
