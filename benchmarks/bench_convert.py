@@ -52,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             out = Path(tmp) / f"out{i}.pth"
-            conv.append(_run([sys.executable, "-m", "effdet_cli.convert", args.variant, "--ckpt", str(args.ckpt),
+            conv.append(_run([sys.executable, "-m", "effdet_cli.convert", "--variant", args.variant, "--weights", str(args.ckpt),
                               "-o", str(out)]))
     size = _size(args.ckpt) / 2**20
     bt, bm = statistics.median(t for t, _ in base), max(m for _, m in base)

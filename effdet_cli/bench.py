@@ -29,22 +29,29 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from effdet_torch.files import write_json
+
+from .common import (EXIT_FAILED, EXIT_USAGE, VARIANT_HELP, add_device, add_output, add_variant, add_weights, error,
+                     parse_args)
+
 __all__ = ["main", "run_bench"]
+PROG = "effdet-bench"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdet-bench", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", nargs="+", default=["d0"], help="d0..d7x, lite0..lite4, lite3x (several allowed)")
+    add_variant(p, nargs="+", default=["efficientdet-d0"], help=VARIANT_HELP + "; several allowed")
     p.add_argument("--image-size", default=None, help="network input: N or 'WxH' (default: each variant's)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per row first")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--weights", default=None, help="checkpoint for our model (.pth/.h5/TF dir); default random")
+    add_device(p)
+    add_weights(p, required=False, help="checkpoint for our model (.pth/.h5/TF dir); default random weights")
     p.add_argument("--no-effdet", action="store_true", help="skip the effdet package's rows")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the rows and the machine as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    add_output(p, help="write the rows and the machine as JSON here")
+    p.add_argument("--json", dest="output", help=argparse.SUPPRESS)  # the earlier spelling
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     return p
 
 
@@ -192,26 +199,20 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
+    if isinstance(args, int):
+        return args
 
-    def fail(msg: str, code: int = 2) -> int:
-        print(f"effdet-bench: error: {msg}", file=sys.stderr)
-        return code
+    def fail(msg: str, code: int = EXIT_FAILED) -> int:
+        return error(PROG, msg, code)
 
     import torch
 
-    from effdet_torch.config import resolve_variant_name
-
-    try:
-        for v in args.variant:
-            resolve_variant_name(v)
-    except ValueError as e:
-        return fail(str(e))
     if min(args.batch) < 1 or args.repeats < 1 or args.warmup < 0:
-        return fail("--batch and --repeats must be >= 1, --warmup >= 0")
+        return fail("--batch and --repeats must be >= 1, --warmup >= 0", EXIT_USAGE)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return fail("--device cuda but CUDA is not available")
-    out = Path(args.json) if args.json else None
+    out = Path(args.output) if args.output else None
     if out is not None and out.exists() and not args.force:
         return fail(f"{out} exists (use --force to overwrite)")
     if args.weights and not Path(args.weights).exists():
@@ -220,15 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = run_bench(args.variant, args.batch, args.image_size, args.repeats, args.warmup, args.device,
                          args.weights, not args.no_effdet)
     except (ValueError, OSError, RuntimeError) as e:
-        return fail(f"{type(e).__name__}: {e}", 1)
+        return fail(f"{type(e).__name__}: {e}")
     info = machine()
     print(f"{info['cpu_count']} CPUs, torch {info['torch']} ({info['torch_threads']} threads), device {args.device}"
           f"{', ' + info['cuda_device'] if 'cuda_device' in info else ''}; effdet {info['effdet'] or 'not installed'}; "
           f"median of {args.repeats} interleaved runs; ratio = ours / effdet")
     print(format_table(rows))
     if out is not None:
-        from effdet_cli.infer import write_json
-
         write_json(out, {"machine": info, "device": args.device, "rows": rows})
         print(f"wrote {out}")
     return 0

@@ -18,7 +18,7 @@ import sys
 from effdet_torch.config import resolve_variant_name
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "VARIANT_HELP", "variant_type", "add_variant", "add_weights",
-           "add_output", "add_device", "check_required", "error"]
+           "add_output", "add_device", "check_required", "parse_args", "error"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 VARIANT_HELP = "d0..d7, d7x, lite0..lite4, lite3x, or the full official name (efficientdet-d0)"
@@ -83,6 +83,21 @@ def add_device(p: argparse.ArgumentParser, default: str = "cpu", help: str | Non
     """``--device``: cpu, cuda or cuda:N (``auto``: cuda when available)."""
     p.add_argument("--device", default=default, metavar="DEVICE",
                    help=(help or "cpu, cuda or cuda:N") + f" (default {default})")
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """``p.parse_args(argv)`` with the hidden-alias "required" checks (of ``p`` and of the chosen
+    subcommand's parser); a usage error or ``--help`` returns its exit status instead of raising."""
+    try:
+        args = p.parse_args(argv)
+        check_required(p, args)
+        for action in p._subparsers._group_actions if p._subparsers else []:  # the chosen subcommand
+            sub = getattr(action, "choices", {}).get(getattr(args, action.dest, None)) if action.dest else None
+            if sub is not None:
+                check_required(sub, args)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    return args
 
 
 def error(prog: str, message: str, code: int = EXIT_FAILED) -> int:

@@ -9,18 +9,22 @@ import golden as golden_data
 from converters import EMA_SUFFIX
 from converters.download import RELEASE_URLS
 from converters.sources import RELEASE_SUFFIXES, find_release_file
-from effdet_torch.config import resolve_variant_name
 from effdet_torch.files import sha256_array
 
+from .common import (EXIT_USAGE, add_device, add_output, add_variant, add_weights, error, parse_args,
+                     variant_type)
+
+PROG = "convert-ckpt"
 EPILOG = """\
 examples:
-  convert-ckpt d0                            # finds efficientdet-d0/, .tar.gz/.tgz or .h5 here
-  convert-ckpt d7x --ckpt ~/Downloads/efficientdet-d7x.tar.gz -o d7x.pth
-  convert-ckpt lite0 --ckpt efficientdet-lite0/ --format safetensors
-  convert-ckpt d0 --ckpt model.h5 --force    # overwrite an existing output
-  convert-ckpt --print-map d3                # the TF-name -> torch-key table
-  convert-ckpt d0 --download                 # fetch the official release file here, then convert
-  convert-ckpt d0 --verify                   # then compare with a recorded golden for these weights
+  convert-ckpt --variant d0                  # finds efficientdet-d0/, .tar.gz/.tgz or .h5 here
+  convert-ckpt --variant d7x --weights ~/Downloads/efficientdet-d7x.tar.gz -o d7x.pth
+  convert-ckpt --variant lite0 --weights efficientdet-lite0/ --format safetensors
+  convert-ckpt --variant d0 --weights model.h5 --force    # overwrite an existing output
+  convert-ckpt --variant d3 --print-map      # the TF-name -> torch-key table
+  convert-ckpt --variant d0 --download       # fetch the official release file here, then convert
+  convert-ckpt --variant d0 --verify         # then compare with a recorded golden for these weights
+(the earlier spellings `convert-ckpt d0 --ckpt PATH` still work)
 
 The EMA shadows (<name>/ExponentialMovingAverage) are taken, as the official loader does;
 --no-ema takes the raw variables. Optimizer slots (/Momentum) and global_step are ignored.
@@ -38,8 +42,8 @@ lies beside it, the converted weights are checked against it first, and a golden
 other weights (the bundled ones use the synthetic seed-1234 weights) is reported as not
 applicable instead of run. No applicable golden is not an error.
 
-exit status: 0 done, 1 conversion/download error, 2 usage error, 3 --verify failed (the
-converted file is kept).
+exit status: 0 done, 1 bad input (no or a broken checkpoint, an existing output without --force,
+a failed download) or --verify failed (the converted file is kept), 2 usage error.
 """
 
 
@@ -96,9 +100,9 @@ def weights_mismatch(state: dict, variant: str, sha_json: Path) -> str | None:
     return f"{len(entries) - n_ema} of {len(entries)} weights differ from those it was recorded with{made}"
 
 
-def verify_output(out: Path, variant: str, state: dict, golden: Path | None) -> int:
+def verify_output(out: Path, variant: str, state: dict, golden: Path | None, device: str = "cpu") -> int:
     """``--verify``: the golden parity check on the written file. 0 passed or nothing to verify with,
-    3 failed (or an explicit ``--golden`` recorded with other weights)."""
+    1 failed (or an explicit ``--golden`` recorded with other weights)."""
     goldens = find_goldens(variant, golden)
     if not goldens:
         looked = ", ".join(f"{d / variant}/" for d in (Path("golden"), *golden_data.golden_dirs()))
@@ -115,17 +119,15 @@ def verify_output(out: Path, variant: str, state: dict, golden: Path | None) -> 
         if why is not None:
             line = f"verify      {npz}: not applicable, {why}"
             if golden is not None:
-                print(line + "; cannot verify with it", file=sys.stderr)
-                return 3
+                return error(PROG, line.removeprefix("verify      ") + "; cannot verify with it")
             print(line)
             continue
         if model is None:
-            model = create_model(variant, checkpoint=out)  # the file as written, not the in-memory dict
+            model = create_model(variant, checkpoint=out).to(device)  # the file as written, not the in-memory dict
         try:
-            results = run_golden(model, npz)
+            results = run_golden(model, npz, device=device)
         except (KeyError, ValueError, OSError) as e:
-            print(f"verify      {npz}: cannot run the golden check ({type(e).__name__}: {e})", file=sys.stderr)
-            return 3
+            return error(PROG, f"{npz}: cannot run the golden check ({type(e).__name__}: {e})")
         n_fail = sum(not r.passed for r in results)
         worst = max((r.max_rel_err for r in results if r.max_rel_err == r.max_rel_err and r.max_rel_err != float("inf")),
                     default=0.0)
@@ -140,9 +142,8 @@ def verify_output(out: Path, variant: str, state: dict, golden: Path | None) -> 
             failed += 1
         ran += 1
     if failed:
-        print(f"convert-ckpt: --verify failed on {failed} golden file(s); {out} was written but does not "
-              f"reproduce the recorded official outputs", file=sys.stderr)
-        return 3
+        return error(PROG, f"--verify failed on {failed} golden file(s); {out} was written but does not "
+                           f"reproduce the recorded official outputs")
     if not ran:
         print(f"verify      no golden recorded with these weights for {variant}: not verified")
     return 0
@@ -150,15 +151,16 @@ def verify_output(out: Path, variant: str, state: dict, golden: Path | None) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="convert-ckpt",
+        prog=PROG,
         description="Convert an official google/automl EfficientDet checkpoint (TF1 release "
                     "directory or tarball, or Keras .h5) into a PyTorch state dict for effdet_torch.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("variant", help="d0..d7, d7x, lite0..lite4, lite3x, or the full name (efficientdet-d0)")
-    p.add_argument("--ckpt", type=Path, help="checkpoint: directory, prefix, .index, .tar.gz/.tgz or .h5 "
-                                             "(default: look for the release file in the working directory)")
-    p.add_argument("-o", "--output", type=Path, help="output file (default: <variant>.pth / .safetensors)")
+    add_variant(p, required=False)
+    p.add_argument("variant_positional", nargs="?", type=variant_type, help=argparse.SUPPRESS)  # the old spelling
+    add_weights(p, required=False, help="the official checkpoint: directory, prefix, .index, .tar.gz/.tgz or .h5 "
+                                        "(default: look for the release file in the working directory)")
+    add_output(p, help="output file (default: <variant>.pth / .safetensors)", type=Path)
     p.add_argument("--format", choices=("pth", "safetensors"), default=None,
                    help="output format (default: from the -o suffix, else pth)")
     p.add_argument("--no-ema", action="store_true", help="take the raw variables instead of the EMA shadows")
@@ -172,37 +174,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after writing, run the golden parity check when a golden for these weights is available")
     p.add_argument("--golden", type=Path, metavar="FILE",
                    help="golden .npz for --verify (default: ./golden/<variant>/*.npz, then the project's golden/)")
+    add_device(p, help="where --verify runs the model: cpu, cuda or cuda:N")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        variant = resolve_variant_name(args.variant)
-    except ValueError as e:
-        print(f"convert-ckpt: {e}", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
+    variant = args.variant or args.variant_positional
+    if variant is None:
+        parser.print_usage(sys.stderr)
+        return error(PROG, "the following arguments are required: --variant", EXIT_USAGE)
+    args.ckpt = Path(args.weights) if args.weights is not None else None
     if args.print_map:
         from converters.name_map import format_map, name_map_for
 
         print(format_map(name_map_for(variant)))
         return 0
     if args.download and args.ckpt is not None:
-        print("convert-ckpt: --download fetches the release file into the working directory; "
-              "it cannot be combined with --ckpt", file=sys.stderr)
-        return 2
+        return error(PROG, "--download fetches the release file into the working directory; "
+                           "it cannot be combined with --weights", EXIT_USAGE)
     if args.golden is not None and not args.verify:
         args.verify = True  # --golden FILE implies --verify
     if args.golden is not None and not args.golden.is_file():
-        print(f"convert-ckpt: --golden {args.golden}: no such file", file=sys.stderr)
-        return 2
+        return error(PROG, f"--golden {args.golden}: no such file")
     fmt = args.format or ("safetensors" if args.output and args.output.suffix == ".safetensors" else "pth")
     out = args.output or Path(f"{variant}.{fmt}")
     progress = not args.quiet and sys.stderr.isatty()
     if args.download:
         if out.exists() and not args.force:  # refuse before fetching hundreds of MB
-            print(f"convert-ckpt: {out} already exists; pass --force to overwrite", file=sys.stderr)
-            return 2
+            return error(PROG, f"{out} already exists; pass --force to overwrite")
         from converters.download import DownloadError, download, release_url
 
         url = release_url(variant, RELEASE_URLS[variant])
@@ -211,20 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             digest = download(url, ckpt, progress=progress)
         except DownloadError as e:
-            print(f"convert-ckpt: {e}", file=sys.stderr)
-            return 1
+            return error(PROG, str(e))
         print(f"download    {ckpt.name} sha256 {digest} (stored in {ckpt.name}.sha256)")
     else:
         ckpt = args.ckpt or find_release_file(variant, Path.cwd())
     if ckpt is None:
         tried = ", ".join(f"{variant}{suf or '/'}" for suf in RELEASE_SUFFIXES)
-        print(f"convert-ckpt: no checkpoint for {variant} in {Path.cwd()} (looked for {tried}).\n"
-              f"  Download the official release file:\n    {RELEASE_URLS[variant]}\n"
-              f"  then run this again in its folder, or pass --ckpt PATH (or use --download).", file=sys.stderr)
-        return 2
+        return error(PROG, f"no checkpoint for {variant} in {Path.cwd()} (looked for {tried}).\n"
+                           f"  Download the official release file:\n    {RELEASE_URLS[variant]}\n"
+                           f"  then run this again in its folder, or pass --weights PATH (or use --download).")
     if out.exists() and not args.force:
-        print(f"convert-ckpt: {out} already exists; pass --force to overwrite", file=sys.stderr)
-        return 2
+        return error(PROG, f"{out} already exists; pass --force to overwrite")
     from converters.convert import convert_checkpoint, save_state_dict
     from converters.sources import CheckpointError
 
@@ -234,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         digest = save_state_dict(res.state_dict, out, force=args.force,
                                  metadata=meta if fmt == "safetensors" else None)
     except (CheckpointError, FileExistsError) as e:
-        print(f"convert-ckpt: {e}", file=sys.stderr)
-        return 1
+        return error(PROG, str(e))
     weights = {None: "as saved in the .h5", True: "EMA shadows", False: "raw (no EMA)"}[res.ema]
     print(f"variant     {variant}\n"
           f"source      {ckpt} ({'TF1 checkpoint' if res.source_kind == 'tf1' else 'Keras h5'})\n"
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
           f"output      {out}\n"
           f"sha256      {digest}")
     if args.verify:
-        return verify_output(out, variant, res.state_dict, args.golden)
+        return verify_output(out, variant, res.state_dict, args.golden, device=args.device)
     return 0
 
 

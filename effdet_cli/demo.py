@@ -1,6 +1,6 @@
 """The demo on the bundled fixture: regenerate the golden d0 checkpoint, convert it, prove parity.
 
-``python -m effdet_cli.demo [--out DIR]`` (what ``bash scripts/demo.sh`` runs):
+``python -m effdet_cli.demo [-o DIR]`` (what ``bash scripts/demo.sh`` runs):
 1. writes the official-format d0 release checkpoint from ``golden/`` (manifest + BN side-car +
    seed 1234) and checks every value's sha256 against the recorded list;
 2. converts it with ``convert-ckpt`` (EMA shadows) to ``efficientdet-d0.pth``;
@@ -16,8 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO / "golden"
+import golden
+
+from .common import add_output, parse_args
+
+GOLDEN = golden.HERE  # the bundled recordings (package data)
 
 
 def _step(msg: str) -> None:
@@ -27,9 +30,11 @@ def _step(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m effdet_cli.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "demo-out", help="output folder (default: demo-out/)")
-    args = p.parse_args(argv)
-    out: Path = args.out
+    add_output(p, type=Path, default=Path("demo-out"), help="output folder (default: ./demo-out/)")
+    args = parse_args(p, argv)
+    if isinstance(args, int):
+        return args
+    out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _step("2/5 convert-ckpt d0")
     pth = out / "efficientdet-d0.pth"
-    rc = convert_main(["d0", "--ckpt", str(ckpt), "-o", str(pth), "--force", "-q"])
+    rc = convert_main(["--variant", "d0", "--weights", str(ckpt), "-o", str(pth), "--force", "-q"])
     if rc:
         return rc
 
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     image = out / "chelsea.png"  # scikit-image's bundled sample, as recorded in the golden
     Image.fromarray(np.load(golden_chelsea)["input/chelsea_raw_uint8"]).save(image)
     picture = out / "chelsea-side-by-side.png"
-    rc = parity_main(["visualize", str(image), "--variant", "d0", "--ckpt", str(pth), "--golden",
+    rc = parity_main(["visualize", str(image), "--variant", "d0", "--weights", str(pth), "--golden",
                       str(golden_chelsea), "-o", str(picture), "--no-progress"])
     ok &= rc == 0
 

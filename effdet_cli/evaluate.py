@@ -16,14 +16,15 @@ Exit status: 0 ok; 1 ``--expect-official`` failed (``|ΔAP| > 0.1``); 2 usage er
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 from effdet_torch.files import write_json
+
+from .common import EXIT_FAILED, EXIT_USAGE, add_device, add_output, add_variant, add_weights, error, parse_args
+
+PROG = "effdet-eval"
 
 __all__ = ["OFFICIAL_VAL_AP", "OFFICIAL_AP_TOLERANCE", "check_official", "main"]
 
@@ -71,19 +72,18 @@ def check_official(variant: str, ap: float, tolerance: float = OFFICIAL_AP_TOLER
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="effdet-eval",
+        prog=PROG,
         description="COCO evaluation of an EfficientDet with the official COCO-eval path "
                     "(top-5000 pairs, per-class Gaussian soft-NMS, top 100 per image).")
-    p.add_argument("--variant", required=True, help="d0..d7x, lite0..lite4, lite3x (or efficientdet-NAME)")
-    p.add_argument("--weights", required=True,
-                   help="converted .pth/.safetensors, or an official checkpoint (TF1 dir/prefix/tarball, Keras .h5)")
+    add_variant(p)
+    add_weights(p)
     p.add_argument("--images", required=True, help="folder the annotation file's file_name entries are in")
     p.add_argument("--annotations", required=True, help="COCO instances_*.json")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    add_device(p, help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-images", type=int, default=None, help="only the first N images (by id)")
     p.add_argument("--image-size", default=None, help="network input size: N or the official 'WxH' (default: the variant's)")
-    p.add_argument("--out", default=None, help="write the COCO-format detections (results JSON) here")
+    add_output(p, help="write the COCO-format detections (results JSON) here")
     p.add_argument("--metrics-out", default=None, help="write the 12 numbers and the run's facts as JSON here")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes for decoding/preprocessing (0: in the main process)")
@@ -101,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
+    if isinstance(args, int):
+        return args
     import torch
 
     from evaluation.coco import (COCO_METRIC_NAMES, CocoEvalImages, category_mapping, coco_results, evaluate_coco,
@@ -110,16 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
     from effdet_torch.model import create_model
 
-    def fail(msg: str, code: int = 2) -> int:
-        print(f"effdet-eval: error: {msg}", file=sys.stderr)
-        return code
+    def fail(msg: str, code: int = EXIT_FAILED) -> int:
+        return error(PROG, msg, code)
 
-    try:
-        variant = resolve_variant_name(args.variant)
-    except ValueError as e:
-        return fail(str(e))
+    variant = resolve_variant_name(args.variant)
     if args.batch_size < 1:
-        return fail("--batch-size must be >= 1")
+        return fail("--batch-size must be >= 1", EXIT_USAGE)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         return fail("--device cuda but CUDA is not available")
@@ -153,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.num_classes != 90:
             why.append(f"the official AP is for the 90-class COCO checkpoint, not {cfg.num_classes} classes")
         if why:
-            return fail("--expect-official: " + "; ".join(why))
+            return fail("--expect-official: " + "; ".join(why), EXIT_USAGE)
     cat_map = category_mapping(doc.get("categories", []), cfg.num_classes, args.category_map)
     try:
         ds = CocoEvalImages(doc, args.images, cfg.image_size, cfg.mean_rgb, cfg.stddev_rgb, args.max_images)
@@ -170,10 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if main_rank:
         wall = time.perf_counter() - t0
         log(f"evaluated {len(out.image_ids)} images in {wall:.1f} s ({len(out.image_ids) / max(wall, 1e-9):.2f} images/s)")
-        if args.out:
+        if args.output:
             res = coco_results(out.rows, cat_map, out.row_image_ids)
-            write_json(args.out, res, indent=None)
-            log(f"wrote {len(res)} detections to {args.out}")
+            write_json(args.output, res, indent=None)
+            log(f"wrote {len(res)} detections to {args.output}")
         stats = None
         if "annotations" in doc:
             stats, _ = evaluate_coco(doc, out.rows, cat_map, out.image_ids, out.row_image_ids, verbose=True)
@@ -191,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batch_size": args.batch_size, "seconds": wall,
                 "metrics": None if stats is None else dict(zip(COCO_METRIC_NAMES, [float(v) for v in stats])),
             }
-            Path(args.metrics_out).write_text(json.dumps(facts, indent=1))
+            write_json(args.metrics_out, facts)
     code = broadcast_from_rank0(code) if dist.enabled else code
     if dist.enabled:
         import torch.distributed as tdist

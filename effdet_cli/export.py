@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import add_device, add_output, add_variant, add_weights, error, parse_args
+
 PROG = "effdet-export"
 
 EPILOG = """\
@@ -37,21 +39,20 @@ exit status: 0 done, 1 bad input or a failed check, 2 usage error.
 
 
 def _err(msg: str) -> None:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    error(PROG, msg)
 
 
 def _common(p: argparse.ArgumentParser, image: bool, device: bool = False) -> None:
-    p.add_argument("--variant", required=True, help="d0..d7, d7x, lite0..lite4, lite3x or the full official name")
-    p.add_argument("--weights", required=True, type=Path,
-                   help="converted .pth/.safetensors, or an official checkpoint (TF1 dir/prefix, tarball, .h5)")
-    p.add_argument("-o", "--output", required=True, type=Path, help="output file (onnx, pt2, h5) or folder (tf1)")
+    add_variant(p)
+    add_weights(p)
+    add_output(p, required=True, type=Path, help="output file (onnx, pt2, h5) or folder (tf1)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     if image:
         p.add_argument("--image-size", help="input size: N or the official 'WxH' (default: the variant's)")
         p.add_argument("--decode", action="store_true",
                        help="also output the official pre-NMS boxes, scores (max class) and classes")
     if device:
-        p.add_argument("--device", default="cpu", help="device the program is exported for (default cpu)")
+        add_device(p, help="device the program is exported for: cpu, cuda or cuda:N")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,11 +190,11 @@ def _official(args: argparse.Namespace) -> int:
         out = write_tf1_checkpoint(state, args.variant, args.output, global_step=args.global_step,
                                    force=args.force, source=str(args.weights))
         what = "TF1 checkpoint (raw = EMA shadows, global_step %d)" % args.global_step
-        ckpt_flag = f"--ckpt {out}"
+        ckpt_flag = f"--weights {out}"
     else:
         out = write_keras_h5(state, args.variant, args.output, force=args.force, source=str(args.weights))
         what = "Keras .h5 (official save_weights layout)"
-        ckpt_flag = f"--ckpt {out}"
+        ckpt_flag = f"--weights {out}"
     hp = official_hparams(args.variant, classes)
     print(f"variant     {args.variant} ({classes} classes)\n"
           f"format      {what}\n"
@@ -206,12 +207,13 @@ def _official(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     from converters.sources import CheckpointError
-    from effdet_torch.config import parse_image_size, resolve_variant_name
+    from effdet_torch.config import parse_image_size
 
     try:
-        args.variant = resolve_variant_name(args.variant)
         if getattr(args, "image_size", None):
             parse_image_size(args.image_size)
     except ValueError as e:
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if dev.type == "cuda" and not torch.cuda.is_available():
             _err(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-            return 2
+            return 1
     run = {"onnx": _onnx, "torch-export": _torch_export, "tf1": _official, "h5": _official}[args.command]
     try:
         return run(args)

@@ -18,6 +18,8 @@ import numpy as np
 
 from effdet_torch.files import atomic_write, write_json
 
+from .common import add_device, add_output, add_variant, add_weights, error, parse_args
+
 __all__ = ["InputError", "build_parser", "detections_to_rows", "draw_detections", "main"]
 
 PROG = "effdet-infer"
@@ -399,31 +401,32 @@ def build_parser() -> argparse.ArgumentParser:
                                "images, folders of images or videos; write annotated copies and JSON detections.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", type=Path, help="image files, folders of images, or video files")
-    p.add_argument("--variant", default="d0", help="d0..d7, d7x, lite0..lite4, lite3x (default d0)")
-    p.add_argument("--weights", type=Path,
-                   help="converted .pth/.safetensors or any official checkpoint (release dir/tarball, .h5); "
-                        "default: <variant>.pth/.safetensors or the release file in the working directory")
+    add_variant(p, default="efficientdet-d0")
+    add_weights(p, required=False, help="converted .pth/.safetensors or any official checkpoint (release dir/tarball, "
+                                        ".h5); default: <variant>.pth/.safetensors or the release file in the working "
+                                        "directory")
     p.add_argument("--threshold", type=_threshold, default=0.4,
                    help="score threshold for what is drawn and written (default 0.4)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_device(p, default="auto", help="cpu, cuda, cuda:N, or auto: cuda when available")
     p.add_argument("--half", action="store_true", help="float16 on CUDA (refused on CPU)")
     p.add_argument("--image-size", help="network input size: N or the official 'WxH' (default: the variant's)")
-    p.add_argument("-o", "--output", type=Path, default=Path("effdet-out"), help="output folder (default ./effdet-out)")
+    add_output(p, default=Path("effdet-out"), type=Path, help="output folder (default ./effdet-out)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-file lines")
     return p
 
 
 def _err(msg: str) -> None:
-    print(f"{PROG}: {msg}", file=sys.stderr)
+    error(PROG, msg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from effdet_torch.config import parse_image_size, resolve_variant_name
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    from effdet_torch.config import parse_image_size
 
     try:
-        args.variant = resolve_variant_name(args.variant)
         if args.image_size is not None:
             parse_image_size(args.image_size)
     except ValueError as e:
@@ -431,9 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         device = _resolve_device(args.device)
-    except InputError as e:
+    except InputError as e:  # a device this machine does not have: bad input
         _err(str(e))
-        return 2
+        return 1
     if args.half and device.type != "cuda":
         _err(f"--half (float16) needs a CUDA device, and this run is on {device}: drop --half "
              f"(CPU float16/bfloat16 is slow and moves results beyond the parity tolerances)")
@@ -441,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = args.weights or _find_weights(args.variant)
     if weights is None:
         _err(f"no weights for {args.variant}: pass --weights FILE (a converted .pth/.safetensors or an official "
-             f"checkpoint; `convert-ckpt {args.variant.removeprefix('efficientdet-')} --download` makes one)")
-        return 2
+             f"checkpoint; `convert-ckpt --variant {args.variant.removeprefix('efficientdet-')} --download` makes one)")
+        return 1
     # every input is read, and every output planned, before anything is written
     try:
         jobs = collect_inputs(args.inputs)

@@ -2,13 +2,13 @@
 
 A minimal first version (issue 10 item 1): the seed's project ``.yml`` and dataset layout, official
 defaults (Keras SGD momentum 0.9, warm-up + cosine lr scaled to the batch, clipping 10, L2 4e-5 in
-the loss, EMA 0.9998, official augmentation and targets), ``--head-only``, ``--load-weights
-PATH|last``; every save writes ``last.ckpt`` (model, EMA, optimizer, step, epoch, RNG) and the EMA
+the loss, EMA 0.9998, official augmentation and targets), ``--head-only``, ``--weights
+PATH|last`` (the seed's ``--load_weights``); every save writes ``last.ckpt`` (model, EMA, optimizer, step, epoch, RNG) and the EMA
 weights as ``efficientdet-<variant>_<epoch>_<step>.pth`` (what ``create_model``/``effdet-infer``
 load), atomically. Not yet: validation AP, early stopping, logs, AdamW, AMP, multi-GPU, debug
 pictures, ``kill -9`` resume proof.
 
-    effdet-train -c 0 -p shape --data-path datasets/ --batch-size 8 --load-weights efficientdet-d0.pth
+    effdet-train -c 0 -p shape --data-path datasets/ --batch-size 8 --weights efficientdet-d0.pth
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import operator
 import sys
 import time
 from pathlib import Path
+
+from .common import VARIANT_HELP, add_device, add_output, add_weights, error, parse_args, variant_type
 
 PROG = "effdet-train"
 
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("-c", "--compound-coef", "--compound_coef", type=int, help="0-7 (d0..d7), 8 = d7x")
-    g.add_argument("--variant", help="d0..d7x, lite0..lite4, lite3x or the full name")
+    g.add_argument("--variant", type=variant_type, metavar="NAME", help=VARIANT_HELP)
     p.add_argument("-p", "--project", default="coco", help="projects/NAME.yml in the seed's format")
     p.add_argument("--projects-dir", default="projects", help="folder of the project .yml files")
     p.add_argument("--data-path", "--data_path", default="datasets/", help="holds NAME/{train_set}/ and NAME/annotations/")
@@ -87,12 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.08, help="official base lr; used as lr * batch / 64")
     p.add_argument("--num-epochs", "--num_epochs", type=int, default=300)
     p.add_argument("--save-interval", "--save_interval", type=int, default=500, help="save every N steps")
-    p.add_argument("--load-weights", "--load_weights", help="a converted .pth, an official checkpoint, or 'last'")
+    add_weights(p, required=False, aliases=("--load-weights", "--load_weights"),
+                help="a converted .pth, an official checkpoint, or 'last' (resume from SAVED_PATH/PROJECT/); "
+                     "the seed's --load_weights works too")
     p.add_argument("--head-only", "--head_only", type=_bool, nargs="?", const=True, default=False,
                    help="train only the class/box heads (backbone and BiFPN frozen)")
-    p.add_argument("--saved-path", "--saved_path", default="logs/", help="checkpoints go to SAVED_PATH/PROJECT/")
+    add_output(p, default="logs/", help="checkpoints go to OUTPUT/PROJECT/ (the seed's --saved_path; default logs/)")
+    for alias in ("--saved-path", "--saved_path"):
+        p.add_argument(alias, dest="output", help=argparse.SUPPRESS)
     p.add_argument("--workers", "--num_workers", type=int, default=2, help="data loader processes")
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and augmentation draws")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
     return p
@@ -102,7 +108,7 @@ def _variant(args) -> str:
     from effdet_torch.config import resolve_variant_name
 
     if args.variant:
-        return resolve_variant_name(args.variant)
+        return args.variant
     c = 0 if args.compound_coef is None else args.compound_coef
     if not 0 <= c <= 8:
         raise ValueError(f"--compound-coef {c}: expected 0..8")
@@ -129,12 +135,13 @@ def _save(path: Path, obj) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         return _run(args)
     except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return error(PROG, str(e))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 0
@@ -169,19 +176,19 @@ def _run(args) -> int:
                           cfg.image_size, mean, std, seed=args.seed)
     if ds.dropped:
         warnings.warn(f"{ds.dropped} zero-area or out-of-image box(es) dropped from {train_set}", stacklevel=1)
-    out_dir = Path(args.saved_path) / proj["project_name"]
+    out_dir = Path(args.output) / proj["project_name"]
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "last.ckpt"
     torch.manual_seed(args.seed)
     resume = None
-    if args.load_weights == "last":
+    if args.weights == "last":
         if not last.is_file():
             raise FileNotFoundError(f"{last}: no checkpoint to resume")
         resume = torch.load(last, map_location="cpu", weights_only=True)
         model = EfficientDet(cfg)
         model.load_state_dict(resume["model"])
-    elif args.load_weights:
-        model = create_model(name, checkpoint=args.load_weights, num_classes=len(obj_list), image_size=args.image_size)
+    elif args.weights:
+        model = create_model(name, checkpoint=args.weights, num_classes=len(obj_list), image_size=args.image_size)
     else:
         model = EfficientDet(cfg)
     device = torch.device(args.device)

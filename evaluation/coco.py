@@ -134,6 +134,11 @@ class CocoEvalImages(Dataset):
         return it.index, it.image_id, x[0], torch.tensor(float(scale), dtype=torch.float32)
 
 
+def empty_rows() -> np.ndarray:
+    """No detections: official eval rows ``float32 [0, 7]``."""
+    return np.zeros((0, 7), np.float32)
+
+
 def rows_to_array(image_id: int, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """One image's valid detections → official eval rows ``float32 [K, 7]``
     ``[image_id, x, y, w, h, score, class]`` (``transform_detections`` of ``generate_detections``).

@@ -32,14 +32,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from effdet_torch.anchors import generate_anchors
-from .coco import rows_to_array
 from effdet_torch.config import EfficientDetConfig
 from effdet_torch.model import EfficientDet
 from effdet_torch.postprocess import flatten_outputs, postprocess_per_class, reduce_candidates
+from parity.verdicts import match_detections
+
+from .coco import empty_rows, rows_to_array
 
 __all__ = [
     "DistInfo",
@@ -303,7 +304,7 @@ def _output(items: Sequence[tuple[int, tuple[int, np.ndarray]]], seconds: float,
     per_image = {image_id: rows for _, (image_id, rows) in items}
     image_ids = [image_id for _, (image_id, _) in items]
     chunks = [rows for _, (_, rows) in items]
-    rows = np.concatenate(chunks) if chunks else np.zeros((0, 7), np.float32)
+    rows = np.concatenate(chunks) if chunks else empty_rows()
     row_ids = np.concatenate([np.full(len(r), i, np.int64) for i, r in zip(image_ids, chunks)]) if chunks \
         else np.zeros((0,), np.int64)
     return EvalOutput(rows.astype(np.float32), row_ids, image_ids, per_image, seconds, images)
@@ -314,7 +315,7 @@ def _output(items: Sequence[tuple[int, tuple[int, np.ndarray]]], seconds: float,
 
 
 def detection_agreement(ref: dict[int, np.ndarray], ours: dict[int, np.ndarray]) -> dict[str, float]:
-    """Match two runs' eval rows per image with the core rule (``parity.golden.match_detections``:
+    """Match two runs' eval rows per image with the core rule (``parity.verdicts.match_detections``:
     same class, ``|Δscore| <= 1e-5``, IoU >= 0.9999 or coordinates within ``1e-4·(1 + max|box|)``;
     unmatched rows whose score is within 1e-5 of the image's last kept score are excused as ties at
     the cut-off).
@@ -323,7 +324,6 @@ def detection_agreement(ref: dict[int, np.ndarray], ours: dict[int, np.ndarray])
     ``rows_ours``, ``matched_fraction`` (pairs / max(rows)), ``agreeing_fraction``
     (1 - bad / max(rows)), and ``max_abs_dscore`` / ``max_abs_dbox`` over the pairs.
     """
-    from parity.golden import match_detections
 
     def as_det(r: np.ndarray) -> dict[str, np.ndarray]:
         # synthetic weights can overflow exp() in decoding: make ±inf/nan comparable (equal rows match)
@@ -335,8 +335,8 @@ def detection_agreement(ref: dict[int, np.ndarray], ours: dict[int, np.ndarray])
     pairs = ties = bad = total_ref = total_ours = 0
     dscore = dbox = 0.0
     for image_id in sorted(set(ref) | set(ours)):
-        a = as_det(ref.get(image_id, np.zeros((0, 7), np.float32)))
-        b = as_det(ours.get(image_id, np.zeros((0, 7), np.float32)))
+        a = as_det(ref.get(image_id, empty_rows()))
+        b = as_det(ours.get(image_id, empty_rows()))
         tol = 1e-4 * (1 + float(np.abs(a["boxes"]).max())) if len(a["scores"]) else 0.0
         m = match_detections(a, b, tol)
         pairs += len(m["pairs"])

@@ -1,4 +1,4 @@
-"""The ``compare``, ``record`` and ``visualize`` subcommands of ``effdet-parity`` (see ``parity/cli.py``)."""
+"""The ``compare``, ``record`` and ``visualize`` subcommands of ``effdet-parity`` (parsed in ``effdet_cli/parity.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +13,10 @@ __all__ = ["cmd_compare", "cmd_record", "cmd_visualize"]
 OFFICIAL_STEPS = ("import", "build", "restore", "case", "eval", "write", "done")
 
 
-def _err(cmd: str, msg: str) -> int:
-    print(f"effdet-parity {cmd}: {msg}", file=sys.stderr)
-    return 2
+def _err(cmd: str, msg: str, code: int = 1) -> int:
+    """``effdet-parity CMD: error: MSG`` on stderr; 1 (bad input) unless ``code`` says 2 (usage)."""
+    print(f"effdet-parity {cmd}: error: {msg}", file=sys.stderr)
+    return code
 
 
 class _Progress:
@@ -94,9 +95,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return _err("compare", str(e))
     live = args.automl_dir is not None
     if live == bool(args.golden):
-        return _err("compare", "give either --automl-dir DIR (live official model) or --golden FILE (recorded)")
+        return _err("compare", "give either --automl-dir DIR (live official model) or --golden FILE (recorded)", 2)
     hw = parse_image_size(args.image_size) if args.image_size else None
-    out = Path(args.out)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
     timings: dict[str, float] = {}
@@ -113,7 +114,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 return _err("compare", str(e))
             hw = hw or get_config(variant).image_size
             try:
-                run = official_run(args.automl_dir, variant, args.ckpt, cases, hw, on_progress=prog.official,
+                run = official_run(args.automl_dir, variant, args.weights, cases, hw, on_progress=prog.official,
                                    log_path=out / "official_worker.log")
             except (OfficialError, CheckpointError) as e:
                 return _err("compare", str(e))
@@ -143,7 +144,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         prog.step("ours: loading the checkpoint")
         t0 = time.time()
         try:
-            model = create_model(variant, checkpoint=args.ckpt, image_size=hw)
+            model = create_model(variant, checkpoint=args.weights, image_size=hw)
         except (CheckpointError, ValueError) as e:
             return _err("compare", str(e))
         timings["ours: load + convert"] = time.time() - t0
@@ -156,7 +157,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     finally:
         prog.close()
     cases_run = golden_cases(list(ref))
-    report = Report(variant=variant, mode="live" if live else "golden", reference=reference, ckpt=str(args.ckpt),
+    report = Report(variant=variant, mode="live" if live else "golden", reference=reference, ckpt=str(args.weights),
                     stats=stats, image_size=tuple(hw), cases=cases_run, device=args.device, timings=timings,
                     meta=meta, notes=notes)
     for case in cases_run:
@@ -191,12 +192,12 @@ def cmd_record(args: argparse.Namespace) -> int:
     hw = parse_image_size(args.image_size) if args.image_size else get_config(variant).image_size
     prog = _Progress(len(OFFICIAL_STEPS), not args.no_progress)
     try:
-        run = official_run(args.automl_dir, variant, args.ckpt, cases, hw, on_progress=prog.official)
+        run = official_run(args.automl_dir, variant, args.weights, cases, hw, on_progress=prog.official)
     except (OfficialError, CheckpointError) as e:
         return _err("record", str(e))
     finally:
         prog.close()
-    paths = write_golden(args.out, run.tensors, run.meta, detailed=args.detailed)
+    paths = write_golden(args.output, run.tensors, run.meta, detailed=args.detailed)
     print(f"recorded {variant} at {hw[0]}x{hw[1]} (cases: {', '.join(c.name for c in cases)}) in {run.secs:.1f} s:")
     for p in paths.values():
         print(f"  {p}")
@@ -207,9 +208,9 @@ def cmd_record(args: argparse.Namespace) -> int:
     from .golden import format_results, run_golden
 
     try:
-        model = create_model(variant, checkpoint=args.ckpt, image_size=hw)
+        model = create_model(variant, checkpoint=args.weights, image_size=hw)
     except (CheckpointError, ValueError) as e:
-        print(f"recorded, but our model could not load {args.ckpt}: {e}", file=sys.stderr)
+        print(f"recorded, but our model could not load {args.weights}: {e}", file=sys.stderr)
         return 1
     import torch
 
@@ -239,7 +240,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _err("visualize", str(e))
     if (args.automl_dir is None) == (args.golden is None):
-        return _err("visualize", "give either --automl-dir DIR (live official model) or --golden FILE (recorded)")
+        return _err("visualize", "give either --automl-dir DIR (live official model) or --golden FILE (recorded)", 2)
     if not Path(args.image).is_file():
         return _err("visualize", f"{args.image}: no such image")
     hw = parse_image_size(args.image_size) if args.image_size else None
@@ -248,7 +249,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         hw = hw or get_config(variant).image_size
         prog = _Progress(len(OFFICIAL_STEPS), not args.no_progress)
         try:
-            run = official_run(args.automl_dir, variant, args.ckpt, [Case(name, "image", path=str(args.image))], hw,
+            run = official_run(args.automl_dir, variant, args.weights, [Case(name, "image", path=str(args.image))], hw,
                                eval_detections=False, on_progress=prog.official)
         except (OfficialError, CheckpointError) as e:
             return _err("visualize", str(e))
@@ -277,7 +278,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             hw = tuple(pre.shape[1:3]) if pre is not None else get_config(variant).image_size
         source = f"golden {args.golden}"
     try:
-        model = create_model(variant, checkpoint=args.ckpt, image_size=hw)
+        model = create_model(variant, checkpoint=args.weights, image_size=hw)
     except (CheckpointError, ValueError) as e:
         return _err("visualize", str(e))
     import torch

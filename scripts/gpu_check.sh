@@ -13,10 +13,10 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 fail=0
 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -rs 2>&1 | tail -15 || fail=1
 for v in efficientdet-d0 efficientdet-lite0 efficientdet-d1; do
-  python3 -m effdet_cli.parity synth-ckpt "$v" --bn-stats "golden/bn_stats/$v.npz" -o "$OUT/$v" --force -q >/dev/null || fail=1
+  python3 -m effdet_cli.parity synth-ckpt --variant "$v" --bn-stats "golden/bn_stats/$v.npz" -o "$OUT/$v" --force -q >/dev/null || fail=1
   for npz in golden/$v/*.npz "$GOLDEN_DIR"/$v/*.npz; do
     [ -f "$npz" ] || continue
-    python3 -m effdet_cli.parity golden --variant "$v" --ckpt "$OUT/$v" --golden "$npz" --device cuda \
+    python3 -m effdet_cli.parity golden --variant "$v" --weights "$OUT/$v" --golden "$npz" --device cuda \
       --json "$OUT/$v-$(basename "$npz" .npz).json" > "$OUT/$v-$(basename "$npz" .npz).txt" 2>&1 || fail=1
     echo "$v $(basename "$npz") on cuda: $(grep 'taps compared' "$OUT/$v-$(basename "$npz" .npz).txt")"
     grep FAIL "$OUT/$v-$(basename "$npz" .npz).txt" | cut -c1-160

@@ -22,10 +22,10 @@ def test_bench_smoke_json(tmp_path, capsys):
         assert r["network_ms"] > 0 and r["end_to_end_ms"] > 0 and r["peak_memory_mib"] > 0
         assert abs(r["images_per_s"] - r["batch"] * 1000 / r["end_to_end_ms"]) < 1e-9
     assert doc["machine"]["torch"]
-    # no overwrite without --force: usage error, file untouched
+    # no overwrite without --force: refused (exit 1, as every command refuses an existing output), file untouched
     before = out.read_text()
     assert main(["--variant", "d0", "--image-size", "64", "--batch", "1", "--repeats", "1", "--no-effdet",
-                 "--json", str(out)]) == 2
+                 "--json", str(out)]) == 1
     assert out.read_text() == before
     assert "exists" in capsys.readouterr().err
 

@@ -192,7 +192,7 @@ def test_cli_converts_release_file_found_in_cwd(tmp_path, d0_dir, monkeypatch, c
 
 def test_cli_says_what_to_download(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert convert_main(["d7x"]) == 2
+    assert convert_main(["d7x"]) == 1  # no checkpoint: bad input
     err = capsys.readouterr().err
     assert "efficientdet-d7x.tar.gz" in err and "https://" in err
 

@@ -241,9 +241,9 @@ def test_changed_file_is_refused(use, tmp_path, capsys):
 def test_download_refusals(use, tmp_path, capsys):
     use("ok")
     assert convert_main(["d0", "--download", "--ckpt", "x"]) == 2
-    assert "cannot be combined with --ckpt" in capsys.readouterr().err
+    assert "cannot be combined with --weights" in capsys.readouterr().err
     (tmp_path / "efficientdet-d0.pth").write_bytes(b"keep")
-    assert convert_main(["d0", "--download", "-q"]) == 2  # output exists: refused before downloading
+    assert convert_main(["d0", "--download", "-q"]) == 1  # output exists: refused before downloading
     assert "--force" in capsys.readouterr().err and not _Handler.log
     assert (tmp_path / "efficientdet-d0.pth").read_bytes() == b"keep"
 
@@ -277,7 +277,7 @@ def test_verify_other_weights_is_not_applicable(in_ckpt_dir, capsys):
     assert "not applicable, these are the raw weights (--no-ema)" in out
     assert "not verified" in out
     golden = PROJECT_GOLDEN / "efficientdet-d0" / "tensors_random.npz"
-    assert convert_main(["d0", "-q", "--golden", str(golden), "--no-ema", "-o", "y.pth", "--force"]) == 3
+    assert convert_main(["d0", "-q", "--golden", str(golden), "--no-ema", "-o", "y.pth", "--force"]) == 1
     assert "cannot verify with it" in capsys.readouterr().err
 
 
@@ -295,7 +295,7 @@ def test_verify_failure_exits_non_zero(in_ckpt_dir, capsys):
     d = in_ckpt_dir / "golden" / "efficientdet-d0"
     d.mkdir(parents=True)
     np.savez(d / "tampered.npz", **data)
-    assert convert_main(["d0", "-q", "--verify"]) == 3
+    assert convert_main(["d0", "-q", "--verify"]) == 1
     cap = capsys.readouterr()
     assert "tampered.npz: FAIL" in cap.out and "random/class_net/level3" in cap.err
     assert "--verify failed" in cap.err

@@ -282,7 +282,7 @@ def test_effdet_eval_custom_ids_and_usage_errors(tmp_path, capsys):
     assert "nothing scored" in capsys.readouterr().out
     # missing image files are named
     (tmp_path / "c" / "images" / sorted(os.listdir(tmp_path / "c" / "images"))[0]).unlink()
-    assert eval_main(base) == 2
+    assert eval_main(base) == 1  # bad input
     assert "missing" in capsys.readouterr().err
 
 

@@ -241,9 +241,8 @@ def test_cli_tf1_h5(tmp_path, capsys):
     assert "nope.pth: no such file" in capsys.readouterr().err
     assert export_main(["h5", "--variant", "d9", "--weights", str(pth), "-o", str(tmp_path / "z.h5")]) == 2
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z.h5").exists()
-    with pytest.raises(SystemExit) as e:
-        export_main(["onnx", "--help"])
-    assert e.value.code == 0 and "NonMaxSuppression" in capsys.readouterr().out
+    assert export_main(["onnx", "--help"]) == 0
+    assert "NonMaxSuppression" in capsys.readouterr().out
 
 
 @pytest.mark.slow

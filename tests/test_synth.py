@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+from effdet_cli.parity import main as parity_main
 from fixtures import synth_ckpt as synth
 
 from converters.tensorbundle import TensorBundleReader
@@ -327,14 +328,14 @@ def test_cli_refuses_non_empty_dir_without_force(tmp_path, tiny_manifest_path, c
     out = tmp_path / "out dir"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    rc = synth.main([str(tiny_manifest_path), "-o", str(out), "-q"])
+    rc = parity_main(["synth-ckpt", str(tiny_manifest_path), "-o", str(out), "-q"])
     assert rc != 0
     err = capsys.readouterr().err
     assert str(out) in err and "--force" in err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
     with pytest.warns(UserWarning, match="BN"):
-        rc = synth.main([str(tiny_manifest_path), "-o", str(out), "--force", "--momentum", "--seed", "5"])
+        rc = parity_main(["synth-ckpt", str(tiny_manifest_path), "-o", str(out), "--force", "--momentum", "--seed", "5"])
     assert rc == 0
     doc = json.loads((out / "model.values_sha256.json").read_text())
     assert doc["seed"] == 5 and doc["momentum"] is True and doc["bn_stats"] is None
@@ -347,7 +348,7 @@ def test_cli_refuses_non_empty_dir_without_force(tmp_path, tiny_manifest_path, c
     # a fresh (missing or empty) directory needs no --force
     fresh = tmp_path / "fresh"
     with pytest.warns(UserWarning):
-        assert synth.main([str(tiny_manifest_path), "-o", str(fresh), "-q"]) == 0
+        assert parity_main(["synth-ckpt", str(tiny_manifest_path), "-o", str(fresh), "-q"]) == 0
     assert (fresh / "model.index").is_file()
 
 
@@ -357,12 +358,12 @@ def test_cli_module_entry_point(tmp_path, tiny_manifest_path):
     (out / "x").write_text("x")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.run(
-        [sys.executable, "-m", "fixtures.synth_ckpt", str(tiny_manifest_path), "-o", str(out)],
+        [sys.executable, "-m", "effdet_cli.parity", "synth-ckpt", str(tiny_manifest_path), "-o", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert p.returncode != 0 and str(out) in p.stderr
     h = subprocess.run(
-        [sys.executable, "-m", "fixtures.synth_ckpt", "--help"],
+        [sys.executable, "-m", "effdet_cli.parity", "synth-ckpt", "--help"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert h.returncode == 0

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, SHARED_GOLDEN
+from effdet_cli.parity import main as parity_main
 from training import golden as tg
 from training.augment import AugmentDraws
 from training.loss import LossConfig, detection_loss, l2_parameters, reg_l2_loss
@@ -312,22 +313,21 @@ def test_cli_dispatch_through_effdet_parity():
 
 
 def test_cli_bad_input_one_line(tmp_path, capsys):
-    assert tg.main(["--variant", "d0", "--ckpt", "x", "--golden", str(tmp_path / "nope")]) == 1
+    assert parity_main(["train-golden", "--variant", "d0", "--ckpt", "x", "--golden", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("effdet-parity train-golden: error:") and "no such folder" in err
     (tmp_path / "meta.json").write_text("{}")
-    assert tg.main(["--variant", "d0", "--ckpt", "x", "--golden", str(tmp_path)]) == 1
+    assert parity_main(["train-golden", "--variant", "d0", "--ckpt", "x", "--golden", str(tmp_path)]) == 1
     assert "train_step.npz: missing" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        tg.main(["--variant", "d0"])
-    assert e.value.code == 2 and "--ckpt" in capsys.readouterr().err
+    assert parity_main(["train-golden", "--variant", "d0"]) == 2  # usage: what is missing is named
+    assert "--weights" in capsys.readouterr().err
 
 
 @pytest.mark.shared_golden
 def test_cli_refuses_to_overwrite_json(rec, tmp_path, capsys):
     out = tmp_path / "r.json"
     out.write_text("keep")
-    assert tg.main(["--variant", "d0", "--ckpt", str(CKPT), "--golden", str(TRAIN_GOLDEN), "--json", str(out)]) == 1
+    assert parity_main(["train-golden", "--variant", "d0", "--ckpt", str(CKPT), "--golden", str(TRAIN_GOLDEN), "--json", str(out)]) == 1
     assert "--force" in capsys.readouterr().err and out.read_text() == "keep"
 
 

@@ -23,11 +23,9 @@ Tolerances (why each has its size) — see :func:`tolerance`:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +43,7 @@ from .optim import CosineSchedule, KerasSGD
 from .step import Trainer
 from .targets import batch_targets, to_official_levels
 
-__all__ = ["KeyResult", "TrainGoldenSpec", "compare", "family", "judge", "load_recording", "main", "run_augment",
+__all__ = ["KeyResult", "TrainGoldenSpec", "compare", "family", "judge", "load_recording", "run_augment",
            "run_ours", "run_train_golden", "tolerances", "write_json"]
 
 SAFETY = 2.0
@@ -400,66 +398,3 @@ def write_json(results: list[KeyResult], path: str | os.PathLike, force: bool = 
             if isinstance(v, float) and not np.isfinite(v):
                 e[k] = None
     files.write_json(path, data)
-
-
-PROG = "effdet-parity train-golden"
-
-EPILOG = """\
-example:
-  effdet-parity train-golden --variant d0 --image-size 256 \\
-      --ckpt ../shared/golden/efficientdet-d0/ckpt \\
-      --golden ../shared/golden/train/efficientdet-d0_256 --json train-golden.json
-
-Runs our target assignment, training-mode forward, loss, clipped gradients and the recorded number
-of optimizer steps from the checkpoint's weights (in fp32, and again in fp64 to measure our own
-rounding), and our augmentation with the recorded forced draws; compares every key of
-train_step.npz and augment.npz. Exit 0 only if every key passes; 1 on a failed key or bad input;
-2 on usage errors. Tolerances: see training/golden.py.
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Compare our training step with a recording of the official TF trainer.")
-    p.add_argument("--variant", required=True, help="d0..d7x, lite0..lite4, lite3x or the full name")
-    p.add_argument("--image-size", help="network input size: N or the official 'WxH' (default: the recording's)")
-    p.add_argument("--ckpt", required=True, help="the step-0 weights: converted .pth/.safetensors or an official checkpoint")
-    p.add_argument("--golden", required=True, help="folder with train_step.npz, meta.json (and augment.npz)")
-    p.add_argument("--json", type=Path, help="write one entry per npz key (max error, tolerance, verdict)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
-    p.add_argument("--quiet", action="store_true", help="print only failing keys and the family summary")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from converters.sources import CheckpointError
-    from effdet_torch.config import parse_image_size
-    from effdet_torch.model import create_model
-
-    def fail(msg: str) -> int:
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 1
-
-    t0 = time.time()
-    try:
-        meta, _, _ = load_recording(args.golden)
-        hw = parse_image_size(args.image_size) if args.image_size else tuple(meta["image_hw"])
-        if args.json and args.json.exists() and not args.force:
-            return fail(f"{args.json}: exists (pass --force to overwrite)")
-        model = create_model(args.variant, checkpoint=args.ckpt, image_size=hw)
-        if meta.get("variant") and meta["variant"] != model.config.name:
-            return fail(f"{args.golden}: recorded for {meta['variant']}, not {model.config.name}")
-        results = run_train_golden(model, args.golden)
-    except (OSError, ValueError, KeyError, CheckpointError) as e:
-        return fail(str(e) if not isinstance(e, KeyError) else f"{args.golden}/meta.json: missing field {e}")
-    print(format_results(results, quiet=args.quiet))
-    print(f"{model.config.name} on {args.golden} in {time.time() - t0:.1f} s")
-    if args.json:
-        write_json(results, args.json, force=args.force)
-        print(f"wrote {args.json}")
-    return 0 if all(r.passed for r in results) else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Every console script follows one convention (effdet_cli/common.py, README "Command-line convention"):
+``--variant`` (short or full name, unknown names suggest the nearest), ``--weights`` for what is loaded,
+``-o/--output``, ``--device``, errors as ``<prog>: error: ...``, exit 0 ok / 1 bad input or failed check /
+2 usage, a real ``--help`` for every subcommand, and the old spellings as hidden aliases."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from effdet_cli import bench, convert, evaluate, export, infer, parity, train
+from effdet_cli.common import variant_type
+
+PARSERS = {
+    "convert-ckpt": convert.build_parser,
+    "effdet-infer": infer.build_parser,
+    "effdet-eval": evaluate._parser,
+    "effdet-train": train.build_parser,
+    "effdet-bench": bench._parser,
+}
+SUBCOMMANDS = {
+    "effdet-parity": (parity.build_parser, ("golden", "compare", "record", "visualize", "synth-ckpt", "train-golden")),
+    "effdet-export": (export.build_parser, ("onnx", "torch-export", "tf1", "h5")),
+}
+MAINS = {"convert-ckpt": convert.main, "effdet-infer": infer.main, "effdet-eval": evaluate.main,
+         "effdet-train": train.main, "effdet-bench": bench.main, "effdet-parity": parity.main,
+         "effdet-export": export.main}
+
+
+def _all_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
+    out = [(name, make()) for name, make in PARSERS.items()]
+    for name, (make, subs) in SUBCOMMANDS.items():
+        p = make()
+        choices = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+        assert set(subs) == set(choices), f"{name}: subcommands {sorted(choices)}"
+        out += [(f"{name} {s}", choices[s]) for s in subs]
+    return out
+
+
+# commands that run no model of ours on a device of the user's choice: the formats writers, the ONNX
+# exporter (traced and checked with onnxruntime on the CPU) and train-golden (CPU: its float64 rerun
+# measures our rounding there); synth-ckpt writes a checkpoint file by rule
+NO_DEVICE = {"effdet-export onnx", "effdet-export tf1", "effdet-export h5", "effdet-parity train-golden",
+             "effdet-parity synth-ckpt"}
+NO_OUTPUT = {"effdet-parity golden", "effdet-parity train-golden"}  # they write --json reports only
+OLD = {"--ckpt", "--out", "--out-dir", "--load-weights", "--load_weights", "--saved-path", "--saved_path", "--json"}
+
+
+@pytest.mark.parametrize("name,parser", _all_parsers(), ids=lambda x: x if isinstance(x, str) else "")
+def test_options_follow_the_convention_and_hide_old_spellings(name, parser):
+    shown = {s for a in parser._actions if a.help is not argparse.SUPPRESS for s in a.option_strings}
+    hidden = {s for a in parser._actions if a.help is argparse.SUPPRESS for s in a.option_strings}
+    assert "--variant" in shown, name
+    assert "--weights" in shown or name == "effdet-parity synth-ckpt", name
+    assert {"-o", "--output"} <= shown or name in NO_OUTPUT, name
+    assert "--device" in shown or name in NO_DEVICE, name
+    assert not (shown & OLD) or name in ("effdet-parity golden", "effdet-parity train-golden"), \
+        f"{name}: old spellings shown: {shown & OLD}"
+    assert "--ckpt" in hidden or "--weights" not in shown or name == "effdet-train", name
+    assert "--out" in hidden or "--output" not in shown, name
+    flags = [s for a in parser._actions for s in a.option_strings]
+    assert len(flags) == len(set(flags))
+    assert "usage:" in parser.format_help()
+
+
+@pytest.mark.parametrize("prog", sorted(MAINS))
+def test_help_exits_zero_for_every_command(prog, capsys):
+    assert MAINS[prog](["--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["d0", "D0", "efficientdet-d0", " d0 "])
+def test_variant_names_short_or_full(name):
+    assert variant_type(name) == "efficientdet-d0"
+    assert variant_type("lite3x") == "efficientdet-lite3x" and variant_type("d7x") == "efficientdet-d7x"
+
+
+@pytest.mark.parametrize("prog,argv", [
+    ("convert-ckpt", ["--variant", "d8"]),
+    ("effdet-infer", ["x.png", "--variant", "lite9"]),
+    ("effdet-eval", ["--variant", "d8", "--weights", "w", "--images", "i", "--annotations", "a"]),
+    ("effdet-train", ["--variant", "d8"]),
+    ("effdet-bench", ["--variant", "d8"]),
+    ("effdet-parity", ["golden", "--variant", "d8", "--weights", "w", "--golden", "g"]),
+    ("effdet-export", ["onnx", "--variant", "d8", "--weights", "w", "-o", "o.onnx"]),
+])
+def test_unknown_variant_is_a_usage_error_that_suggests(prog, argv, capsys):
+    assert MAINS[prog](argv) == 2
+    err = capsys.readouterr().err
+    assert f"{prog.split()[0]}" in err and "error:" in err and "Did you mean" in err
+
+
+@pytest.mark.parametrize("prog,argv", [
+    ("convert-ckpt", ["--variant", "d0", "--weights", "{tmp}/missing", "-o", "{tmp}/o.pth"]),
+    ("effdet-infer", ["{tmp}/missing.png", "--variant", "d0", "--weights", "{tmp}/w.pth", "-o", "{tmp}/out"]),
+    ("effdet-eval", ["--variant", "d0", "--weights", "{tmp}/w.pth", "--images", "{tmp}", "--annotations",
+                     "{tmp}/missing.json"]),
+    ("effdet-train", ["--variant", "d0", "-p", "missing", "--projects-dir", "{tmp}"]),
+    ("effdet-bench", ["--variant", "d0", "--weights", "{tmp}/missing.pth", "--no-effdet"]),
+    ("effdet-parity", ["golden", "--variant", "d0", "--weights", "{tmp}/w", "--golden", "{tmp}/missing.npz"]),
+    ("effdet-export", ["onnx", "--variant", "d0", "--weights", "{tmp}/missing.pth", "-o", "{tmp}/o.onnx"]),
+])
+def test_bad_input_is_one_error_line_and_exit_1(prog, argv, tmp_path, capsys):
+    (tmp_path / "w.pth").write_bytes(b"not a torch file")
+    assert MAINS[prog]([a.format(tmp=tmp_path) for a in argv]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    prefix = f"{prog} golden" if prog == "effdet-parity" else prog
+    assert err and err[0].startswith(f"{prefix}: error: "), err
+
+
+@pytest.mark.parametrize("make,argv,dest,value", [
+    (convert.build_parser, ["d0", "--ckpt", "x"], "weights", "x"),
+    (convert.build_parser, ["d0", "--ckpt", "x"], "variant_positional", "efficientdet-d0"),
+    (evaluate._parser, ["--variant", "d0", "--ckpt", "x", "--images", "i", "--annotations", "a", "--out", "r.json"],
+     "output", "r.json"),
+    (train.build_parser, ["-c", "0", "--load_weights", "last", "--saved_path", "L"], "weights", "last"),
+    (train.build_parser, ["-c", "0", "--load-weights", "w.pth", "--saved-path", "L"], "output", "L"),
+    (bench._parser, ["--json", "b.json"], "output", "b.json"),
+])
+def test_old_spellings_still_parse(make, argv, dest, value):
+    assert getattr(make().parse_args(argv), dest) == value
+
+
+def test_subcommand_old_spellings_still_parse():
+    p = parity.build_parser()
+    a = p.parse_args(["compare", "--variant", "d0", "--ckpt", "c", "--golden", "g", "--out", "rep"])
+    assert (a.weights, a.output, a.variant) == ("c", "rep", "efficientdet-d0")
+    a = p.parse_args(["synth-ckpt", "d0", "--out-dir", "o"])
+    assert (a.variant_positional, a.output) == ("d0", "o")
+    a = p.parse_args(["record", "--variant", "d0", "--ckpt", "c", "--automl-dir", "A", "-o", "o"])
+    assert (a.weights, a.output) == ("c", "o")
+
+
+@pytest.mark.parametrize("prog,argv,missing", [
+    ("effdet-eval", ["--variant", "d0", "--images", "i", "--annotations", "a"], "--weights"),
+    ("effdet-parity", ["golden", "--variant", "d0", "--golden", "g"], "--weights"),
+    ("effdet-export", ["h5", "--variant", "d0", "--weights", "w"], "-o/--output"),
+])
+def test_required_options_with_aliases_are_still_required(prog, argv, missing, capsys):
+    assert MAINS[prog](argv) == 2
+    assert missing in capsys.readouterr().err
