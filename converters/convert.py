@@ -19,7 +19,6 @@ from effdet_torch.config import VARIANTS, resolve_variant_name
 from effdet_torch.files import atomic_write, sha256_file
 
 from . import EMA_SUFFIX, OFFICIAL_CLASS_BIAS
-
 from .name_map import MapEntry, name_map_for
 from .sources import CheckpointError, CheckpointSource, open_checkpoint
 

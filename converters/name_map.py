@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 
 from effdet_torch.bifpn import FastAttnFusion
+from effdet_torch.config import get_config
+from effdet_torch.model import EfficientDet
 from effdet_torch.ops import BatchNorm2d, SeparableConv2d
 
 __all__ = ["Layout", "MapEntry", "build_name_map", "format_map", "name_map_for"]
@@ -133,9 +135,6 @@ def build_name_map(model: nn.Module) -> list[MapEntry]:
 
 def name_map_for(variant: str, num_classes: int | None = None) -> list[MapEntry]:
     """The map of an official variant, built on the meta device (no memory, no weights)."""
-    from effdet_torch.config import get_config
-    from effdet_torch.model import EfficientDet
-
     with torch.device("meta"):
         model = EfficientDet(get_config(variant, num_classes=num_classes))
     return build_name_map(model)

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 
 from effdet_torch.checkpoint import CheckpointError, num_classes_of
-from effdet_torch.config import VARIANTS, resolve_variant_name
+from effdet_torch.config import VARIANTS, get_config, resolve_variant_name
 from effdet_torch.files import atomic_write
-from effdet_torch.model import state_dict_mismatch
+from effdet_torch.model import EfficientDet, state_dict_mismatch
 
 from . import EMA_SUFFIX
 from .name_map import Layout, MapEntry, name_map_for
@@ -169,9 +169,6 @@ def _scopes(m: nn.Module, prefix: str = "") -> Iterator[str]:
 def keras_layer_names(variant: str, num_classes: int | None = None) -> list[str]:
     """Top-level Keras layers of the official ``EfficientDetNet`` in model order, weightless ones
     (``resample_p7``) included: backbone, ``resample_p6..p{max}``, ``fpn_cells``, ``class_net``, ``box_net``."""
-    from effdet_torch.config import get_config
-    from effdet_torch.model import EfficientDet
-
     with torch.device("meta"):
         model = EfficientDet(get_config(variant, num_classes=num_classes))
     names: list[str] = []

@@ -31,8 +31,17 @@ from typing import Callable, Sequence
 
 from effdet_torch.files import write_json
 
-from .common import (EXIT_FAILED, EXIT_USAGE, VARIANT_HELP, add_device, add_output, add_variant, add_weights, error,
-                     parse_args)
+from .common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    VARIANT_HELP,
+    add_device,
+    add_output,
+    add_variant,
+    add_weights,
+    error,
+    parse_args,
+)
 
 __all__ = ["main", "run_bench"]
 PROG = "effdet-bench"

@@ -11,8 +11,7 @@ from converters.download import RELEASE_URLS
 from converters.sources import RELEASE_SUFFIXES, find_release_file
 from effdet_torch.files import sha256_array
 
-from .common import (EXIT_USAGE, add_device, add_output, add_variant, add_weights, error, parse_args,
-                     variant_type)
+from .common import EXIT_USAGE, add_device, add_output, add_variant, add_weights, error, parse_args, variant_type
 
 PROG = "convert-ckpt"
 EPILOG = """\

@@ -41,9 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from effdet_cli.convert import main as convert_main
-    from fixtures.synth_ckpt import write_synth_checkpoint
     from effdet_torch.model import create_model
-
+    from fixtures.synth_ckpt import write_synth_checkpoint
     from parity.golden import format_results, run_golden, write_json
 
     torch.set_grad_enabled(False)

@@ -106,11 +106,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args
     import torch
 
-    from evaluation.coco import (COCO_METRIC_NAMES, CocoEvalImages, category_mapping, coco_results, evaluate_coco,
-                       format_metrics, load_annotations)
     from effdet_torch.config import get_config, resolve_variant_name
-    from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
     from effdet_torch.model import create_model
+    from evaluation.coco import (
+        COCO_METRIC_NAMES,
+        CocoEvalImages,
+        category_mapping,
+        coco_results,
+        evaluate_coco,
+        format_metrics,
+        load_annotations,
+    )
+    from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
 
     def fail(msg: str, code: int = EXIT_FAILED) -> int:
         return error(PROG, msg, code)

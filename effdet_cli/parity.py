@@ -45,7 +45,6 @@ def _golden(args: argparse.Namespace) -> int:
     from converters.sources import CheckpointError
     from effdet_torch.config import parse_image_size
     from effdet_torch.model import create_model
-
     from parity.golden import format_results, run_golden, write_json
 
     if not Path(args.golden).is_file():

@@ -155,7 +155,6 @@ def _run(args) -> int:
     from effdet_torch.anchors import generate_anchors
     from effdet_torch.config import get_config
     from effdet_torch.model import EfficientDet, create_model
-
     from training.data import CocoTrainDataset, collate
     from training.optim import CosineSchedule, KerasSGD, ModelEma
     from training.step import Trainer

@@ -21,7 +21,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from effdet_torch.anchors import generate_anchors
+from effdet_torch.files import atomic_write
 from effdet_torch.model import EfficientDet
+from effdet_torch.postprocess import flatten_outputs, postprocess_global
 
 from .network import export_program, output_names
 
@@ -110,7 +113,6 @@ def export_onnx(model: EfficientDet, image_size: tuple[int, int], path: str | os
                         f"{list(model.config.stddev_rgb)}); effdet-parity export")
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
-        from effdet_torch.files import atomic_write
 
         atomic_write(Path(path), lambda tmp: onnx.save(proto, tmp))
     return proto
@@ -127,9 +129,6 @@ def postprocess_onnx(model_config, outputs: Sequence[np.ndarray], image_size: tu
     """The official inference post-processing (global Gaussian soft-NMS, NMSV5 semantics) on the
     raw heads of an ONNX run: the same :class:`~effdet_torch.postprocess.Detections` as
     :class:`~effdet_torch.Detector`."""
-    from effdet_torch.anchors import generate_anchors
-    from effdet_torch.postprocess import flatten_outputs, postprocess_global
-
     cls, box = onnx_to_torch_outputs(outputs, len(model_config.levels))
     c, b = flatten_outputs(cls, box, model_config.num_classes)
     anchors = torch.from_numpy(generate_anchors(model_config, tuple(image_size)))

@@ -8,6 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.sources import CheckpointError
+from effdet_torch.config import get_config, parse_image_size, resolve_variant_name
+from effdet_torch.model import create_model
+
+from .compare import reference_hw, run_ours
+from .golden import format_results, golden_cases, run_golden
+from .live import Case, OfficialError, case_name, compare_against, load_npz, official_run, sibling_heads
+from .record import write_golden
+from .report import Report, format_summary, format_table, write_html, write_json
+from .visualize import render_comparison
+
 __all__ = ["cmd_compare", "cmd_record", "cmd_visualize"]
 
 OFFICIAL_STEPS = ("import", "build", "restore", "case", "eval", "write", "done")
@@ -21,7 +32,6 @@ def _err(cmd: str, msg: str, code: int = 1) -> int:
 
 class _Progress:
     """A tqdm bar over the stages of a run (official subprocess steps, our model, the comparison)."""
-
     def __init__(self, total: int, enabled: bool) -> None:
         from tqdm import tqdm
 
@@ -40,8 +50,6 @@ class _Progress:
 
 
 def _cases(args):
-    from .live import Case, case_name
-
     cases = []
     for img in args.image or []:
         if not Path(img).is_file():
@@ -78,15 +86,7 @@ def _dets(run, prefix: str) -> dict[str, np.ndarray]:
 def cmd_compare(args: argparse.Namespace) -> int:
     import torch
 
-    from converters.sources import CheckpointError
-    from effdet_torch.config import get_config, parse_image_size, resolve_variant_name
-    from effdet_torch.model import create_model
 
-    from .compare import reference_hw
-    from .golden import golden_cases
-    from .live import OfficialError, compare_against, load_npz, official_run, sibling_heads
-    from .report import Report, format_summary, format_table, write_html, write_json
-    from .visualize import render_comparison
 
     t_start = time.time()
     try:
@@ -120,7 +120,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 return _err("compare", str(e))
             ref, meta, layer_paths = run.tensors, run.meta, run.meta.get("layer_paths")
             if args.save_official:  # a golden of this run: compare again later with --golden, no TF
-                from .record import write_golden
 
                 write_golden(out / "official", ref, meta, detailed=True)
             timings["official model (subprocess)"] = run.secs
@@ -178,12 +177,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from converters.sources import CheckpointError
-    from effdet_torch.config import get_config, parse_image_size, resolve_variant_name
-
-    from .live import OfficialError, official_run
-    from .record import write_golden
-
     try:
         variant = resolve_variant_name(args.variant)
         cases = _cases(args)
@@ -203,9 +196,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         print(f"  {p}")
     if args.no_check:
         return 0
-    from effdet_torch.model import create_model
 
-    from .golden import format_results, run_golden
 
     try:
         model = create_model(variant, checkpoint=args.weights, image_size=hw)
@@ -227,13 +218,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_visualize(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from converters.sources import CheckpointError
-    from effdet_torch.config import get_config, parse_image_size, resolve_variant_name
-    from effdet_torch.model import create_model
 
-    from .compare import run_ours
-    from .live import Case, OfficialError, case_name, load_npz, official_run
-    from .visualize import render_comparison
 
     try:
         variant = resolve_variant_name(args.variant)

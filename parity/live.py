@@ -20,6 +20,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from converters.convert import official_num_classes
+from converters.sources import CheckpointError, open_checkpoint, safe_extract
+
 from .compare import compare_reference
 from .official_worker import PROGRESS_PREFIX
 from .references import load_npz, sibling_heads  # noqa: F401  (re-exported: the live commands read goldens too)
@@ -57,9 +60,6 @@ def case_name(path: str | os.PathLike) -> str:
 
 def detect_num_classes(ckpt: str | os.PathLike, variant: str) -> int | None:
     """Classes of an official checkpoint (None if unreadable or without a class head)."""
-    from converters.convert import official_num_classes
-    from converters.sources import CheckpointError, open_checkpoint
-
     try:
         with open_checkpoint(ckpt) as src:
             return official_num_classes(src, variant)
@@ -76,7 +76,6 @@ def prepare_official_ckpt(ckpt: str | os.PathLike, tmp: Path) -> str:
         raise OfficialError(f"{p}: the official model needs an official checkpoint (TF1 dir/prefix, release "
                             "tarball or Keras .h5), not a converted torch file")
     if low.endswith((".tar.gz", ".tgz", ".tar")):
-        from converters.sources import safe_extract
 
         safe_extract(p, tmp)
         dirs = sorted({q.parent for q in Path(tmp).rglob("*.index")})

@@ -221,12 +221,12 @@ def run(spec: dict) -> dict:
     sys.path.insert(0, str(edet))
     progress("import", msg="importing TensorFlow and the official code")
     try:
-        import tensorflow as tf
         import hparams_config  # noqa: F401  (official, from the user's checkout)
+        import tensorflow as tf
+        import utils as official_utils
         from backbone import efficientnet_model
         from tf2 import anchors as official_anchors
         from tf2 import efficientdet_keras, postprocess, util_keras
-        import utils as official_utils
     except ImportError as e:
         raise SystemExit(f"official_worker: cannot import the official code from {edet}: {e} "
                          "(it needs tensorflow, tf-keras, pyyaml, absl-py, six)") from None

@@ -20,6 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from effdet_torch.coco_names import coco_class_name as class_name
+
 from .rules import REL_TOL
 from .verdicts import box_iou, match_detections
 

@@ -34,14 +34,15 @@ import numpy as np
 import torch
 
 from converters.name_map import build_name_map
-from effdet_torch.anchors import generate_anchors
 from effdet_torch import files
+from effdet_torch.anchors import generate_anchors
 from effdet_torch.model import EfficientDet
 
+from .augment import AugmentDraws, train_transform
 from .loss import LossConfig
 from .optim import CosineSchedule, KerasSGD
 from .step import Trainer
-from .targets import batch_targets, to_official_levels
+from .targets import assign_targets, batch_targets, to_official_levels
 
 __all__ = ["KeyResult", "TrainGoldenSpec", "compare", "family", "judge", "load_recording", "run_augment",
            "run_ours", "run_train_golden", "tolerances", "write_json"]
@@ -155,9 +156,6 @@ def run_ours(model: EfficientDet, ref: dict[str, np.ndarray], spec: TrainGoldenS
 
 def run_augment(aug: dict[str, np.ndarray], meta: dict, model_cfg, dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
     """Our pipeline on ``aug/input/*`` with each setting's recorded forced draws → official keys."""
-    from .augment import AugmentDraws, train_transform
-    from .targets import assign_targets
-
     settings = meta.get("augment", {}).get("settings")
     if not settings:
         raise ValueError("meta.json: no augment.settings (the forced draws of augment.npz)")

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from converters.name_map import build_name_map
+
 __all__ = ["LossConfig", "detection_loss", "focal_loss", "huber_loss", "l2_parameters", "reg_l2_loss"]
 
 
@@ -62,8 +64,6 @@ def detection_loss(cls_logits: Tensor, box_codes: Tensor, cls_targets: Tensor, b
 def l2_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(torch name, parameter)`` of every weight the official L2 decay covers: those whose TF name
     (via the declarative name map) ends in ``kernel``."""
-    from converters.name_map import build_name_map
-
     params = dict(model.named_parameters())
     return [(e.torch_key, params[e.torch_key]) for e in build_name_map(model)
             if e.torch_key in params and e.tf_name.rsplit("/", 1)[-1].endswith("kernel")]
