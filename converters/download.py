@@ -9,7 +9,6 @@ name. ``EFFDET_RELEASE_BASE_URL`` replaces the official base: the file is then f
 from __future__ import annotations
 
 import gzip
-import hashlib
 import http.client
 import os
 import re
@@ -22,7 +21,9 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-__all__ = ["BASE_URL_ENV", "DownloadError", "download", "release_url", "sha256_file", "write_sha256_file"]
+from effdet_torch.files import atomic_write_text, sha256_file
+
+__all__ = ["BASE_URL_ENV", "DownloadError", "RELEASE_URLS", "download", "release_url", "write_sha256_file"]
 
 BASE_URL_ENV = "EFFDET_RELEASE_BASE_URL"
 USER_AGENT = "effdet-parity-convert-ckpt"
@@ -58,20 +59,10 @@ def release_url(variant: str, official_url: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_sha256_file(path: Path, digest: str) -> Path:
     """Write ``<path>.sha256`` in ``sha256sum`` format (``<hex>  <name>``), atomically."""
     out = path.with_name(path.name + ".sha256")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(f"{digest}  {path.name}\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, f"{digest}  {path.name}\n")
     return out
 
 

@@ -22,9 +22,10 @@ import numpy as np
 
 from converters.convert import official_num_classes
 from converters.sources import CheckpointError, open_checkpoint, safe_extract
+from effdet_torch.files import sha256_file
 
 from .compare import compare_reference
-from .official_worker import PROGRESS_PREFIX
+from .official_worker import OFFICIAL_FILES, PROGRESS_PREFIX
 from .references import load_npz, sibling_heads  # noqa: F401  (re-exported: the live commands read goldens too)
 
 __all__ = ["Case", "OfficialError", "OfficialRun", "case_name", "compare_against", "detect_num_classes",
@@ -143,6 +144,8 @@ def official_run(automl_dir: str | os.PathLike, variant: str, ckpt: str | os.Pat
         with np.load(tdir / "official.npz") as z:
             tensors = {k: z[k] for k in z.files}
         meta = json.loads((tdir / "official.json").read_text())
+        edet = automl / "efficientdet"  # provenance: the official files the worker ran (hashed here, not in TF's process)
+        meta["official_files_sha256"] = {f: sha256_file(edet / f) for f in OFFICIAL_FILES if (edet / f).is_file()}
     return OfficialRun(tensors, meta, time.time() - t0)
 
 

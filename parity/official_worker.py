@@ -24,7 +24,6 @@ SPEC (JSON): ``automl_dir``, ``variant`` (full name), ``ckpt`` (TF1 dir/prefix o
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -165,10 +164,6 @@ def _register(model, config) -> None:
         for r in range(head.repeats):
             for lvl in levels:
                 CAP.layer_paths[f"{short}/repeat{r}/level{lvl}"] = f"{head.name}/{pred}-{r} + {pred}-{r}-bn-{lvl}"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _git_commit(d: Path) -> str | None:
@@ -339,7 +334,6 @@ def run(spec: dict) -> dict:
         "official_repo": "google/automl",
         "official_dir": str(edet),
         "official_commit": _git_commit(automl) or _git_commit(edet) or "unknown (not a git checkout)",
-        "official_files_sha256": {f: _sha256(edet / f) for f in OFFICIAL_FILES if (edet / f).is_file()},
         "versions": {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__, "numpy": np.__version__,
                      "python": platform.python_version(),
                      "TF_USE_LEGACY_KERAS": os.environ.get("TF_USE_LEGACY_KERAS")},
