@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import BackboneConfig
-from .ops import BatchNorm2d, Conv2dSame, create_act
+from .ops import BatchNorm2d, Conv2dSame, NormLayer, create_act
 
 __all__ = ["EfficientNetBackbone", "MBConvBlock", "SqueezeExcite"]
 
@@ -38,20 +38,20 @@ class MBConvBlock(nn.Module):
     """Inverted-residual block. ``[B, C_in, H, W] → [B, C_out, ceil(H/s), ceil(W/s)]``."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand_ratio: int,
-                 se_ratio: float | None, act_type: str) -> None:
+                 se_ratio: float | None, act_type: str, norm: NormLayer = BatchNorm2d) -> None:
         super().__init__()
         mid = in_ch * expand_ratio
         self.has_expand = expand_ratio != 1
         if self.has_expand:
             self.conv_expand = Conv2dSame(in_ch, mid, 1, bias=False)
-            self.bn_expand = BatchNorm2d(mid)
+            self.bn_expand = norm(mid)
             self.act_expand = create_act(act_type)
         self.conv_dw = Conv2dSame(mid, mid, kernel, stride, groups=mid, bias=False)
-        self.bn_dw = BatchNorm2d(mid)
+        self.bn_dw = norm(mid)
         self.act_dw = create_act(act_type)
         self.se = SqueezeExcite(mid, max(1, int(in_ch * se_ratio)), act_type) if se_ratio else None
         self.conv_project = Conv2dSame(mid, out_ch, 1, bias=False)
-        self.bn_project = BatchNorm2d(out_ch)
+        self.bn_project = norm(out_ch)
         self.has_skip = stride == 1 and in_ch == out_ch
 
     def forward(self, x: Tensor) -> Tensor:
@@ -85,12 +85,13 @@ class MBConvBlock(nn.Module):
 class EfficientNetBackbone(nn.Module):
     """EfficientNet feature extractor. ``[B, 3, H, W] → [P3, P4, P5]`` (strides 8, 16, 32)."""
 
-    def __init__(self, cfg: BackboneConfig, act_type: str, out_levels: tuple[int, ...] = (3, 4, 5)) -> None:
+    def __init__(self, cfg: BackboneConfig, act_type: str, out_levels: tuple[int, ...] = (3, 4, 5),
+                 norm: NormLayer = BatchNorm2d) -> None:
         super().__init__()
         self.name = cfg.name
         stem = cfg.stem_filters()
         self.conv_stem = Conv2dSame(3, stem, 3, stride=2, bias=False)
-        self.bn_stem = BatchNorm2d(stem)
+        self.bn_stem = norm(stem)
         self.act_stem = create_act(act_type)
         blocks: list[MBConvBlock] = []
         level_of_block: list[int] = []
@@ -103,7 +104,7 @@ class EfficientNetBackbone(nn.Module):
                     MBConvBlock(
                         stage.in_filters if r == 0 else stage.out_filters,
                         stage.out_filters, stage.kernel, stride, stage.expand_ratio,
-                        stage.se_ratio if cfg.use_se else None, act_type,
+                        stage.se_ratio if cfg.use_se else None, act_type, norm,
                     )
                 )
                 level_of_block.append(level)

@@ -15,7 +15,15 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import EfficientDetConfig, FpnNode
-from .ops import BatchNorm2d, SeparableConv2d, create_act, max_pool2d_same, resize_nearest_tf1
+from .ops import (
+    BatchNorm2d,
+    NormLayer,
+    SeparableConv2d,
+    create_act,
+    max_pool2d_same,
+    resize_nearest_tf1,
+    tf_batch_norm,
+)
 
 __all__ = ["BiFpn", "BiFpnCell", "FNode", "FastAttnFusion", "ResampleFeatureMap", "SumFusion"]
 
@@ -28,11 +36,11 @@ class ResampleFeatureMap(nn.Module):
     ``[B, C_in, h, w] → [B, C_out, H, W]``; ``size`` is given per call (from the pyramid sizes).
     """
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, norm: NormLayer = BatchNorm2d) -> None:
         super().__init__()
         if in_ch != out_ch:
             self.conv = nn.Conv2d(in_ch, out_ch, 1, bias=True)
-            self.bn = BatchNorm2d(out_ch)
+            self.bn = norm(out_ch)
         else:
             self.conv = None
             self.bn = None
@@ -89,12 +97,12 @@ class FNode(nn.Module):
     """One BiFPN node: resample every input to the node's level, fuse, act → sep-conv → BN."""
 
     def __init__(self, node: FpnNode, in_channels: list[int], out_ch: int, method: str,
-                 act_type: str, num_feats_before: int) -> None:
+                 act_type: str, num_feats_before: int, norm: NormLayer = BatchNorm2d) -> None:
         super().__init__()
         self.level = node.level
         self.inputs = list(node.inputs)
         self.resample = nn.ModuleDict(
-            {str(i): ResampleFeatureMap(in_channels[off], out_ch) for i, off in enumerate(self.inputs)}
+            {str(i): ResampleFeatureMap(in_channels[off], out_ch, norm) for i, off in enumerate(self.inputs)}
         )
         if method == "fastattn":
             self.fuse = FastAttnFusion(len(self.inputs))
@@ -104,7 +112,7 @@ class FNode(nn.Module):
             raise ValueError(f"unsupported fpn weight method {method!r}")
         self.act = create_act(act_type)
         self.conv = SeparableConv2d(out_ch, out_ch, 3, bias=True)
-        self.bn = BatchNorm2d(out_ch)
+        self.bn = norm(out_ch)
         # Official layer names carry the running feature count: resample_{i}_{offset}_{n}, op_after_combine{n}.
         self._n = num_feats_before
 
@@ -125,11 +133,13 @@ class BiFpnCell(nn.Module):
 
     def __init__(self, cfg: EfficientDetConfig, in_channels: list[int]) -> None:
         super().__init__()
+        norm = tf_batch_norm(cfg.bn_eps, cfg.bn_momentum)
         self.levels = cfg.levels
         channels = list(in_channels)
         nodes = []
         for node in cfg.fpn_nodes:
-            nodes.append(FNode(node, channels, cfg.fpn_channels, cfg.fpn_weight_method, cfg.act_type, len(channels)))
+            nodes.append(FNode(node, channels, cfg.fpn_channels, cfg.fpn_weight_method, cfg.act_type, len(channels),
+                               norm))
             channels.append(cfg.fpn_channels)
         self.fnodes = nn.ModuleList(nodes)
         n_in = len(in_channels)
@@ -154,12 +164,13 @@ class BiFpn(nn.Module):
 
     def __init__(self, cfg: EfficientDetConfig, backbone_channels: list[int]) -> None:
         super().__init__()
+        norm = tf_batch_norm(cfg.bn_eps, cfg.bn_momentum)
         self.levels = cfg.levels
         n_backbone = len(backbone_channels)
         extra = []
         ch = backbone_channels[-1]
         for _ in range(cfg.min_level + n_backbone, cfg.max_level + 1):
-            extra.append(ResampleFeatureMap(ch, cfg.fpn_channels))
+            extra.append(ResampleFeatureMap(ch, cfg.fpn_channels, norm))
             ch = cfg.fpn_channels
         self.resample = nn.ModuleList(extra)
         self.first_extra_level = cfg.min_level + n_backbone

@@ -2,7 +2,8 @@
 
 Every number here is a fact of google/automl ``efficientdet/hparams_config.py`` and the EfficientNet
 builders (recorded in ``golden/manifests/<variant>.json.gz`` → ``config_facts``); the test
-``tests/test_config.py`` checks the table against those manifests.
+``tests/test_converters.py::test_config_table_equals_official_config`` checks the table against those
+manifests (the BN fields, which the manifests do not record: ``tests/test_model.py``).
 """
 from __future__ import annotations
 
@@ -170,6 +171,7 @@ class EfficientDetConfig:
     nms_score_threshold: float = 0.001
     max_detections: int = 100
     eval_max_nms_inputs: int = 5000  # anchors.MAX_DETECTION_POINTS on the COCO-eval path
+    # every BN layer of the backbone, BiFPN and heads (ops.tf_batch_norm); official: utils.batch_normalization
     bn_eps: float = 1e-3
     bn_momentum: float = 0.99  # TF convention (torch momentum = 1 - this)
     fpn_nodes: tuple[FpnNode, ...] = field(default=())

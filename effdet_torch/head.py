@@ -10,7 +10,7 @@ import math
 import torch.nn as nn
 from torch import Tensor
 
-from .ops import BatchNorm2d, SeparableConv2d, create_act
+from .ops import BatchNorm2d, NormLayer, SeparableConv2d, create_act
 
 __all__ = ["HeadNet"]
 
@@ -23,13 +23,13 @@ class HeadNet(nn.Module):
     """
 
     def __init__(self, kind: str, in_ch: int, repeats: int, levels: list[int], num_anchors: int,
-                 out_per_anchor: int, act_type: str) -> None:
+                 out_per_anchor: int, act_type: str, norm: NormLayer = BatchNorm2d) -> None:
         super().__init__()
         self.kind = kind
         self.levels = list(levels)
         self.convs = nn.ModuleList([SeparableConv2d(in_ch, in_ch, 3) for _ in range(repeats)])
         self.bns = nn.ModuleList(
-            [nn.ModuleList([BatchNorm2d(in_ch) for _ in self.levels]) for _ in range(repeats)]
+            [nn.ModuleList([norm(in_ch) for _ in self.levels]) for _ in range(repeats)]
         )
         self.act = create_act(act_type)
         self.num_anchors = num_anchors

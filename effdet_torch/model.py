@@ -15,6 +15,7 @@ from .bifpn import BiFpn
 from .checkpoint import load_checkpoint, num_classes_of
 from .config import EfficientDetConfig, get_config
 from .head import HeadNet
+from .ops import tf_batch_norm
 
 __all__ = ["EfficientDet", "create_model", "load_checkpoint"]
 
@@ -31,13 +32,14 @@ class EfficientDet(nn.Module):
     def __init__(self, config: EfficientDetConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = EfficientNetBackbone(config.backbone, config.act_type)
+        norm = tf_batch_norm(config.bn_eps, config.bn_momentum)  # the BiFPN reads the same two fields
+        self.backbone = EfficientNetBackbone(config.backbone, config.act_type, norm=norm)
         self.fpn = BiFpn(config, self.backbone.out_channels)
         levels = config.levels
         self.class_net = HeadNet("class", config.fpn_channels, config.head_repeats, levels,
-                                 config.num_anchors, config.num_classes, config.act_type)
+                                 config.num_anchors, config.num_classes, config.act_type, norm)
         self.box_net = HeadNet("box", config.fpn_channels, config.head_repeats, levels,
-                               config.num_anchors, 4, config.act_type)
+                               config.num_anchors, 4, config.act_type, norm)
 
     def level_sizes(self, hw: tuple[int, int]) -> list[tuple[int, int]]:
         """``[(H_l, W_l)]`` for ``l = min_level..max_level`` of an input of size ``hw``."""

@@ -5,6 +5,7 @@ Layout is NCHW throughout; every docstring names the TF behaviour the module rep
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,7 @@ __all__ = [
     "BatchNorm2d",
     "Conv2dSame",
     "MaxPool2dSame",
+    "NormLayer",
     "SeparableConv2d",
     "create_act",
     "max_pool2d_same",
@@ -22,6 +24,7 @@ __all__ = [
     "resize_nearest_tf1",
     "same_pad_lrtb",
     "same_padding",
+    "tf_batch_norm",
 ]
 
 
@@ -105,6 +108,15 @@ class BatchNorm2d(nn.BatchNorm2d):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
         # Skip _NormBase's legacy hook that inserts a num_batches_tracked entry.
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+
+#: ``num_features -> norm module``: how the backbone, BiFPN and heads build their BN layers.
+NormLayer = Callable[[int], nn.Module]
+
+
+def tf_batch_norm(eps: float = 1e-3, tf_momentum: float = 0.99) -> NormLayer:
+    """The BN factory of a config (``EfficientDetConfig.bn_eps`` / ``bn_momentum``, TF convention)."""
+    return functools.partial(BatchNorm2d, eps=eps, tf_momentum=tf_momentum)
 
 
 class Swish(nn.Module):

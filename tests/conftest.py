@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the goldens are, TF availability, converted golden models."""
+"""Shared test fixtures: where the goldens are, TF availability, the regenerated synthetic checkpoints,
+the converted d0 model of the bundled goldens and its golden runs (session-scoped: built once)."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,9 @@ except ImportError:  # pragma: no cover
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_GOLDEN = REPO / "golden"
 SHARED_GOLDEN = Path(os.environ.get("EFFDET_SHARED_GOLDEN", REPO.parent / "shared" / "golden"))
+#: the bundled official d0 recordings (synthetic weights, seed 1234, 256x256): golden/README.md
+D0_GOLDEN = PROJECT_GOLDEN / "efficientdet-d0"
+D0_GOLDEN_FILES = ("tensors_random.npz", "tensors_chelsea.npz")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -102,3 +106,26 @@ def chelsea_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("img") / "chelsea.png"
     Image.fromarray(data.chelsea()).save(p)
     return p
+
+
+@pytest.fixture(scope="session")
+def d0_model(synth_ckpt_dir):
+    """d0 at 256x256 with the regenerated weights the bundled d0 goldens were recorded with.
+
+    One instance for the whole session: a test that changes the model works on ``copy.deepcopy``.
+    """
+    from effdet_torch.model import create_model
+
+    return create_model("d0", checkpoint=synth_ckpt_dir("efficientdet-d0"), image_size=256)
+
+
+@pytest.fixture(scope="session")
+def d0_golden_results(d0_model) -> dict:
+    """``run_golden`` (what ``effdet-parity golden`` runs) of :func:`d0_model` on each bundled d0
+    golden, keyed by file name; computed once per session (~8 s on 2 cores) for every test reading it."""
+    import torch
+
+    from parity.golden import run_golden
+
+    with torch.no_grad():
+        return {npz: run_golden(d0_model, D0_GOLDEN / npz) for npz in D0_GOLDEN_FILES}

@@ -123,7 +123,7 @@ def test_batch_is_dynamic(d0_export, inputs):
     for i, case in enumerate(["random", "chelsea", "random"]):
         one = _run(sess, inputs[case][0])
         for k in ("class_p3", "box_p7", "scores"):
-            assert _rel(both[k][i], one[k][0]) <= 1e-6, k  # measured ~1e-7: batch-dependent conv kernels
+            assert _rel(both[k][i], one[k][0]) <= 1e-6, k  # measured ~1e-7 (batch-dependent conv kernels); 10x margin
 
 
 def test_detections_equal_the_pytorch_path_on_chelsea(d0, d0_export, inputs):
@@ -195,7 +195,7 @@ def test_cli_onnx_custom_classes(tmp_path, capsys):
     got = sess.run(None, {"image": x})
     cls, box = model(torch.from_numpy(x))
     assert got[0].shape == (3, 9 * 7, 16, 16)
-    assert max(_rel(a, b.numpy()) for a, b in zip(got, [*cls, *box])) <= 1e-5  # measured ~6e-7
+    assert max(_rel(a, b.numpy()) for a, b in zip(got, [*cls, *box])) <= 1e-5  # measured ~6e-7; ~16x margin
     before = out.read_bytes()
     assert export_main(args) == 1  # exists, no --force
     assert "--force" in capsys.readouterr().err and out.read_bytes() == before

@@ -18,7 +18,7 @@ from effdet_torch.model import create_model
 from effdet_torch.taps import record_all_taps
 from effdet_cli.parity import main as cli_main
 from parity.compare import compare_reference
-from parity.golden import run_golden, write_json
+from parity.golden import write_json
 from parity.live import load_npz
 from parity.rules import FP64_NOISE_FACTOR, NOISE_FACTOR, REL_TOL, U32, U64, fp64_noise, is_float64_reference, \
     tensor_bounds
@@ -132,11 +132,6 @@ BREAKAGES = {
 }
 
 
-@pytest.fixture(scope="module")
-def d0_model(synth_ckpt_dir):
-    return create_model("d0", checkpoint=synth_ckpt_dir("efficientdet-d0"), image_size=256)
-
-
 @pytest.mark.shared_golden
 @pytest.mark.parametrize("name", list(BREAKAGES))
 def test_broken_models_fail_both_rules(name, d0_model, shared_golden, monkeypatch):
@@ -175,12 +170,12 @@ def test_rule_arithmetic():
 
 
 @pytest.mark.shared_golden
-def test_fp32_goldens_report_both_numbers(d0_model, shared_golden, tmp_path):
+def test_fp32_goldens_report_both_numbers(d0_golden_results, shared_golden, tmp_path):
     """Every fp32 tensor tap carries the rule's tolerance and the measured fp32-vs-fp64 noise, and the
     noise is real rounding: far below the rule on a real image for d0 (measured ≤ 2e-6 relative).
     The --json file holds both, one entry per key of the golden."""
     golden = PROJECT_GOLDEN / "efficientdet-d0" / "tensors_chelsea.npz"
-    results = run_golden(d0_model, golden)
+    results = d0_golden_results[golden.name]  # run_golden of the session's d0 (conftest)
     write_json(results, tmp_path / "r.json")
     data = json.loads((tmp_path / "r.json").read_text())
     assert set(data) == set(np.load(golden).files)

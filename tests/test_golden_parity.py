@@ -6,7 +6,6 @@ matching on the official heads, noise-aware end to end).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 from effdet_torch.model import create_model
 from parity.golden import golden_cases, run_golden
 
-from .conftest import PROJECT_GOLDEN
+from .conftest import D0_GOLDEN, PROJECT_GOLDEN
 
 torch.set_grad_enabled(False)
 
@@ -30,24 +29,13 @@ def _network_taps(results):
     return [r for r in results if any(f in r.key for f in fams)]
 
 
-@pytest.fixture(scope="module")
-def d0_regenerated(synth_ckpt_dir):
-    return create_model("d0", checkpoint=synth_ckpt_dir("efficientdet-d0"), image_size=256)
-
-
-@pytest.fixture(scope="module")
-def d0_bundled_results(d0_regenerated):
-    """``effdet-parity golden`` on both bundled d0 goldens, run once for the tests below."""
-    return {npz: run_golden(d0_regenerated, PROJECT_GOLDEN / "efficientdet-d0" / npz)
-            for npz in ("tensors_random.npz", "tensors_chelsea.npz")}
-
-
 @pytest.mark.parametrize("npz", ["tensors_random.npz", "tensors_chelsea.npz"])
-def test_d0_bundled_goldens_regenerated_checkpoint(d0_bundled_results, npz):
+def test_d0_bundled_goldens_regenerated_checkpoint(d0_golden_results, npz):
     """Runs everywhere (the bundled goldens): every tap of the random and chelsea cases."""
-    results = d0_bundled_results[npz]
+    results = d0_golden_results[npz]
     _assert_all_pass(results)
     keys = {r.key for r in results}
+    assert keys == set(np.load(D0_GOLDEN / npz).files), "every recorded key gets a verdict"
     case = "random" if "random" in npz else "chelsea"
     assert f"{case}/fpn/cell2/level7" in keys and f"{case}/class_net/level3" in keys
     if case == "chelsea":
@@ -55,9 +43,9 @@ def test_d0_bundled_goldens_regenerated_checkpoint(d0_bundled_results, npz):
                 "eval_detections/random/generate_detections"} <= keys
 
 
-def test_d0_end_to_end_detections_strict_on_images(d0_bundled_results):
+def test_d0_end_to_end_detections_strict_on_images(d0_golden_results):
     """On a real image the END-TO-END detections also meet the strict rule (IoU or box tolerance)."""
-    results = d0_bundled_results["tensors_chelsea.npz"]
+    results = d0_golden_results["tensors_chelsea.npz"]
     for r in results:
         if r.key.startswith(("detections/chelsea/", "eval_detections/chelsea/")) and "valid_len" not in r.key:
             assert "unmatched" not in r.note, r.note
@@ -69,10 +57,13 @@ def test_d0_stored_official_files(shared_golden, kind, npz):
     """The TF-written d0 checkpoint and the official Keras .h5, on both golden sets (img1 included)."""
     src = shared_golden / "efficientdet-d0" / ("ckpt" if kind == "ckpt" else "efficientdet-d0.h5")
     model = create_model("d0", checkpoint=src, image_size=256)
-    results = run_golden(model, shared_golden / "efficientdet-d0" / npz)
+    golden = shared_golden / "efficientdet-d0" / npz
+    results = run_golden(model, golden)
     _assert_all_pass(results)
-    if npz == "tensors.npz":
-        assert "img1" in golden_cases([r.key for r in results] + ["input/img1_raw_uint8"])
+    keys = {r.key for r in results}
+    assert keys == set(np.load(golden).files), "every recorded key gets a verdict"
+    if npz == "tensors.npz":  # the official image case was run, not just listed
+        assert {"input/img1_preprocessed", "img1/class_net/level3", "detections/img1/boxes"} <= keys
 
 
 @pytest.mark.slow
@@ -100,7 +91,7 @@ def test_golden_cases_detects_inputs():
     assert golden_cases(["anchors"]) == []
 
 
-def test_seed_regenerates_missing_random_input(d0_regenerated, tmp_path):
+def test_seed_regenerates_missing_random_input(d0_model, tmp_path):
     """Without input/random the runner regenerates it from --seed (documented formula)."""
     src = np.load(PROJECT_GOLDEN / "efficientdet-d0" / "tensors_random.npz")
     data = {k: src[k] for k in src.files if k != "input/random"}
@@ -108,27 +99,27 @@ def test_seed_regenerates_missing_random_input(d0_regenerated, tmp_path):
     np.testing.assert_array_equal(expected, src["input/random"])  # the formula is the recorded input
     p = tmp_path / "g.npz"
     np.savez(p, **data)
-    _assert_all_pass(run_golden(d0_regenerated, p, seed=1234))
-    wrong = run_golden(d0_regenerated, p, seed=4321)
+    _assert_all_pass(run_golden(d0_model, p, seed=1234))
+    wrong = run_golden(d0_model, p, seed=4321)
     assert not any(r.passed for r in wrong if r.key == "random/backbone/level3")
 
 
-def test_d0_image_taps_far_inside_tolerance(d0_bundled_results):
+def test_d0_image_taps_far_inside_tolerance(d0_golden_results):
     """Drift alarm: on a real image d0 agrees 20x better than the 1e-4 rule.
 
     Measured against exact (fp64) arithmetic, the official taps deviate by <= 3.5e-6 and ours by
     <= 1.9e-6 relative on the d0 image cases, so a correct port stays below ~5.4e-6; 2e-5 leaves
     margin and still fails on any systematic change (an epsilon, a padding, a resize rule).
     """
-    results = _network_taps(d0_bundled_results["tensors_chelsea.npz"])
+    results = _network_taps(d0_golden_results["tensors_chelsea.npz"])
     assert len(results) == 30
     worst = max(results, key=lambda r: r.max_abs_err / (r.tolerance / 1e-4))
     assert worst.max_abs_err / (worst.tolerance / 1e-4) < 2e-5, worst
 
 
-def test_preprocessing_bit_exact(d0_bundled_results):
+def test_preprocessing_bit_exact(d0_golden_results):
     """Normalise → half-pixel bilinear resize → pad reproduces the official input exactly."""
-    results = d0_bundled_results["tensors_chelsea.npz"]
+    results = d0_golden_results["tensors_chelsea.npz"]
     pre = {r.key: r for r in results}
     assert pre["input/chelsea_preprocessed"].max_abs_err == 0.0
     assert pre["chelsea/image_scale"].max_abs_err == 0.0

@@ -108,3 +108,28 @@ def test_trainable_parameter_count_is_official(variant):
     with torch.device("meta"):
         m = EfficientDet(get_config(name))
     assert sum(p.numel() for p in m.parameters()) == official
+
+
+@pytest.mark.parametrize("variant", ["d0", "lite0"])
+def test_batch_norm_layers_follow_the_config(variant):
+    """Every BN layer is built from ``config.bn_eps`` / ``config.bn_momentum``.
+
+    The defaults are the official values (google/automl efficientdet: ``utils.batch_normalization``
+    and ``tf2/util_keras.build_batch_norm`` momentum=0.99, epsilon=1e-3; the EfficientNet and lite
+    builders ``batch_norm_momentum=0.99``, ``batch_norm_epsilon=1e-3``): TF momentum 0.99 is torch's
+    0.01 (torch weighs the new batch statistic, TF the running one). Changed fields reach every layer.
+    """
+    from dataclasses import replace
+
+    from effdet_torch.ops import BatchNorm2d
+
+    cfg = get_config(variant)
+    assert (cfg.bn_eps, cfg.bn_momentum) == (1e-3, 0.99)
+    with torch.device("meta"):
+        default = EfficientDet(cfg)
+        changed = EfficientDet(replace(cfg, bn_eps=1e-5, bn_momentum=0.9))
+    for model, eps, momentum in ((default, 1e-3, 0.01), (changed, 1e-5, 0.1)):
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        # backbone + BiFPN + both heads' per-level BNs; every one is the TF-variable BN class
+        assert len(bns) > 100 and all(type(m) is BatchNorm2d for m in bns)
+        assert {(m.eps, round(m.momentum, 12)) for m in bns} == {(eps, momentum)}

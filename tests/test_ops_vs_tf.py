@@ -38,6 +38,8 @@ except ImportError:  # plain `pytest` without the repo root on sys.path
     from effdet_torch import nms as nms_mod
     from effdet_torch import ops
 
+from .helpers import clustered_boxes  # noqa: E402
+
 pytestmark = pytest.mark.tf
 
 torch.set_num_threads(1)  # deterministic reduction order on the torch side
@@ -236,7 +238,6 @@ def test_resize_nearest_tf1_exact_2x(ih, iw):
 # a + (b - a) * frac(src) as the TF kernel. (torch's own bilinear blends a*(1-l) + b*l, which differs
 # by ulp(src)*|b - a|: 1.3e-4 at 480 -> 512 on N(0,1) data; the port does not use it.)
 BILINEAR_ATOL = 0.0
-_bilinear_max_seen = [0.0]
 
 
 @_settings(150)
@@ -250,7 +251,6 @@ def test_resize_bilinear_half_pixel(seed, c, ih, iw, oh, ow):
     ref = _nchw(ref)
     assert got.shape == ref.shape
     diff = float(np.max(np.abs(got.astype(np.float64) - ref)))
-    _bilinear_max_seen[0] = max(_bilinear_max_seen[0], diff)
     assert diff <= BILINEAR_ATOL, (ih, iw, oh, ow, diff)
 
 
@@ -262,10 +262,29 @@ def test_resize_bilinear_bit_exact_small_repro():
     np.testing.assert_array_equal(got.ravel(), ref)
 
 
-def test_resize_bilinear_report_max_diff():
-    """Runs after the property test in file order; prints the largest difference it saw."""
-    print(f"\nmax |torch - tf| bilinear over all examples: {_bilinear_max_seen[0]:.3g}")
-    assert _bilinear_max_seen[0] <= BILINEAR_ATOL
+#: (input, output) sizes: up- and down-sampling, odd ratios, 1-pixel axes, and the 640x480 -> 512 resize of
+#: a real image.
+BILINEAR_SWEEP = [((480, 640), (384, 512)), ((640, 480), (512, 384)), ((480, 640), (512, 512)),
+                  ((7, 700), (300, 13)), ((1, 1), (3, 4)), ((300, 299), (37, 64)), ((2, 5), (5, 2))]
+
+
+def test_resize_bilinear_sweep_max_diff():
+    """A fixed sweep of sizes, on its own: the largest |ours - TF| is printed and must be 0, while
+    torch's ``F.interpolate`` (same half-pixel coordinates, the other blend) differs on the same
+    inputs, so the sweep does tell the two blends apart."""
+    rng = np.random.default_rng(0)
+    worst = torch_blend = 0.0
+    for (ih, iw), (oh, ow) in BILINEAR_SWEEP:
+        x = rng.standard_normal((1, ih, iw, 3)).astype(np.float32)
+        ref = _nchw(tf.image.resize(x, [oh, ow], method="bilinear", antialias=False).numpy()).astype(np.float64)
+        xt = torch.from_numpy(_nchw(x))
+        got = ops.resize_bilinear_half_pixel(xt, (oh, ow)).numpy()
+        other = torch.nn.functional.interpolate(xt, size=(oh, ow), mode="bilinear", align_corners=False).numpy()
+        worst = max(worst, float(np.max(np.abs(got - ref))))
+        torch_blend = max(torch_blend, float(np.max(np.abs(other - ref))))
+    print(f"\nmax |torch - tf| bilinear over the sweep: ours {worst:.3g}, F.interpolate {torch_blend:.3g}")
+    assert worst <= BILINEAR_ATOL
+    assert torch_blend > 0  # measured 7.2e-7 (torch 2.14.1, TF 2.21): a few fp32 ulp of O(1) values
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,30 +348,6 @@ def test_batchnorm_state_dict_has_tf_variables_only():
 # 8. NonMaxSuppressionV5 (soft and hard)
 # --------------------------------------------------------------------------------------------
 
-def _clustered_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
-    """[n, 4] y1x1y2x2 around a few centres; some corners swapped, some boxes of zero area."""
-    n_centres = int(rng.integers(1, 6))
-    centres = rng.uniform(0, 100, (n_centres, 2))
-    which = rng.integers(0, n_centres, n)
-    cy = centres[which, 0] + rng.normal(0, 4, n)
-    cx = centres[which, 1] + rng.normal(0, 4, n)
-    hh = rng.uniform(2, 30, n) / 2
-    hw = rng.uniform(2, 30, n) / 2
-    boxes = np.stack([cy - hh, cx - hw, cy + hh, cx + hw], axis=1)
-    if n:
-        swap = rng.random(n) < 0.15
-        boxes[swap] = boxes[swap][:, [2, 3, 0, 1]]
-        swap_x = rng.random(n) < 0.1
-        boxes[swap_x] = boxes[swap_x][:, [0, 3, 2, 1]]
-        zero_h = rng.random(n) < 0.05
-        boxes[zero_h, 2] = boxes[zero_h, 0]
-        zero_w = rng.random(n) < 0.05
-        boxes[zero_w, 3] = boxes[zero_w, 1]
-        dup = rng.random(n) < 0.05  # exact duplicates of another box (IoU exactly 1)
-        boxes[dup] = boxes[rng.integers(0, n, int(dup.sum()))]
-    return boxes.astype(np.float32)
-
-
 def _tf_nms(boxes, scores, max_out, iou, score_thr, sigma):
     idx, sc, valid = tf.raw_ops.NonMaxSuppressionV5(
         boxes=tf.constant(boxes, tf.float32), scores=tf.constant(scores, tf.float32),
@@ -384,7 +379,7 @@ nms_cfg = dict(seed=SEED, n=st.integers(0, 300), max_out=st.integers(1, 120),
 @given(**nms_cfg)
 def test_nms_v5_distinct_scores(seed, n, max_out, iou, score_thr, sigma):
     rng = np.random.default_rng(seed)
-    boxes = _clustered_boxes(rng, n)
+    boxes = clustered_boxes(rng, n, swap_x=0.1)
     scores = (rng.permutation(n) / max(n, 1) + rng.uniform(0, 1e-4, n)).astype(np.float32)
     _check_nms(boxes, scores, max_out, iou, score_thr, sigma)
 
@@ -394,7 +389,7 @@ def test_nms_v5_distinct_scores(seed, n, max_out, iou, score_thr, sigma):
 def test_nms_v5_tied_scores(seed, n, max_out, iou, score_thr, sigma):
     # Scores rounded to 2 decimals: many ties, broken by the lower index on both sides.
     rng = np.random.default_rng(seed)
-    boxes = _clustered_boxes(rng, n)
+    boxes = clustered_boxes(rng, n, swap_x=0.1)
     scores = np.round(rng.uniform(0, 1, n), 2).astype(np.float32)
     _check_nms(boxes, scores, max_out, iou, score_thr, sigma)
 

@@ -22,34 +22,12 @@ from hypothesis import strategies as st  # noqa: E402
 from effdet_torch import nms as nms_mod  # noqa: E402
 from effdet_torch.soft_nms import batched_nms_v5, expf_exact  # noqa: E402
 
+from .helpers import clustered_boxes  # noqa: E402
+
 
 def _settings(n: int):
     return settings(max_examples=n, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def _boxes(rng: np.random.Generator, n: int, nonfinite: bool = False) -> np.ndarray:
-    """[n, 4] boxes around a few centres: swapped corners, zero areas, exact duplicates; optionally
-    a few huge/inf/NaN boxes (decoded codes whose exp overflowed)."""
-    centres = rng.uniform(0, 100, (int(rng.integers(1, 6)), 2))
-    which = rng.integers(0, len(centres), n)
-    cy = centres[which, 0] + rng.normal(0, 4, n)
-    cx = centres[which, 1] + rng.normal(0, 4, n)
-    hh, hw = rng.uniform(1, 15, n), rng.uniform(1, 15, n)
-    boxes = np.stack([cy - hh, cx - hw, cy + hh, cx + hw], axis=1)
-    if n:
-        swap = rng.random(n) < 0.15
-        boxes[swap] = boxes[swap][:, [2, 3, 0, 1]]
-        zero_h = rng.random(n) < 0.05
-        boxes[zero_h, 2] = boxes[zero_h, 0]
-        zero = rng.random(n) < 0.05
-        boxes[zero, 3] = boxes[zero, 1]
-        dup = rng.random(n) < 0.08
-        boxes[dup] = boxes[rng.integers(0, n, int(dup.sum()))]
-        if nonfinite:
-            bad = rng.random(n) < 0.05
-            boxes[bad, 2] = rng.choice([np.inf, np.nan, 3e38], int(bad.sum()))
-    return boxes.astype(np.float32)
 
 
 def _scores(rng: np.random.Generator, n: int, tied: bool) -> np.ndarray:
@@ -60,7 +38,9 @@ def _scores(rng: np.random.Generator, n: int, tied: bool) -> np.ndarray:
 
 def _problems(seed: int, n_groups: int, tied: bool, nonfinite: bool = False):
     rng = np.random.default_rng(seed)
-    return [(_boxes(rng, n, nonfinite), _scores(rng, n, tied)) for n in rng.integers(0, 160, n_groups)]
+    # a few huge/inf/NaN boxes with ``nonfinite``: decoded codes whose exp overflowed
+    return [(clustered_boxes(rng, n, dup=0.08, nonfinite=0.05 if nonfinite else 0.0), _scores(rng, n, tied))
+            for n in rng.integers(0, 160, n_groups)]
 
 
 def _run_batched(problems, max_out, iou, thr, sigma, device="cpu", window=256):
