@@ -3,6 +3,7 @@ side-cars (--bn-stats auto) and the bundled d0 goldens (convert-ckpt --verify) a
 ``golden`` package, found through ``golden.find`` / ``golden.golden_dirs`` outside a checkout too."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"  # a copy: building in place would leave build/ and *.egg-info in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "demo-out",
+                                                              "__pycache__", ".pytest_cache", ".hypothesis"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                        str(ROOT)], capture_output=True, text=True, timeout=300)
+                        str(src)], capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         pytest.skip(f"cannot build a wheel here: {r.stderr.strip().splitlines()[-1:]}")
     (whl,) = out.glob("effdet_parity-*.whl")
