@@ -9,7 +9,7 @@ What one run does (defaults = the official recipe, see :mod:`training.step` / :m
 - every ``save_interval`` steps and when the run ends (finished, ``max_steps``, early stop, Ctrl+C)
   :meth:`save` writes ``last.ckpt`` (raw model, EMA shadows, optimizer, schedule, step, epoch, the
   data position, RNG states of torch/CUDA/numpy/python, best AP and early-stopping state) and the
-  EMA weights as ``<variant>_<epoch>_<step>.pth`` together with :func:`~effdet_torch.files.atomic_write_many`:
+  EMA weights as ``<variant>_<epoch>_<step>.pth`` (the epoch the step ran in) together with :func:`~effdet_torch.files.atomic_write_many`:
   a crash or ``kill -9`` leaves the previous pair or the new pair, never a partial file;
 - every ``val_interval`` epochs: COCO AP of the EMA weights on the val set through the evaluation
   path (:func:`evaluation.evaluate.run_eval` + :func:`evaluation.coco.evaluate_coco`), the best as
@@ -283,7 +283,9 @@ class Engine:
     def save(self) -> Path:
         """``last.ckpt`` + the EMA ``.pth`` of this step, atomically together; returns the ``.pth``."""
         state = self.state_dict()
-        weights = self.out_dir / f"{self.cfg.variant}_{self.epoch}_{self.step}.pth"
+        # named (as the seed does) after the epoch the last step ran in, 0-based
+        ran_in = self.epoch - 1 if self.batch_in_epoch == 0 and self.step > 0 else self.epoch
+        weights = self.out_dir / f"{self.cfg.variant}_{ran_in}_{self.step}.pth"
         ema_weights = self.ema.state_dict(self.model)
         was = self._critical
         self._critical = True  # a Ctrl+C waits for the renames (the files are consistent either way)
