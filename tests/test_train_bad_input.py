@@ -149,3 +149,14 @@ def test_resume_without_checkpoint_and_batch_too_large(root, capsys):
     _one_line_error(capsys, "no checkpoint to resume")
     assert main(_args(root, "--max-steps", "1", "--batch-size", "8")) == 1
     _one_line_error(capsys, "batch size 8 is larger than the 4 training image(s)")
+
+
+def test_other_class_count_resets_the_head_in_one_warning_line(root, tmp_path, capsys):
+    from effdet_torch.config import get_config
+    from effdet_torch.model import EfficientDet
+
+    other = tmp_path / "three_classes.pth"
+    torch.save(EfficientDet(get_config("d0", image_size=64, num_classes=3)).state_dict(), other)
+    assert main(_args(root, "--max-steps", "1", "--weights", str(other))) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("effdet-train: warning: ") and "class predictor" in lines[0], lines

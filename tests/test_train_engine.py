@@ -105,7 +105,7 @@ def test_best_checkpoint_early_stopping_and_csv(layout, tmp_path):
     steps = [r for r in rows if r["loss"]]
     vals = [r for r in rows if r["val_ap"]]
     assert [int(r["step"]) for r in steps] == [1, 2, 3, 4]
-    assert [(int(r["step"]), int(r["epoch"])) for r in vals] == [(2, 1), (4, 2)]
+    assert [(int(r["step"]), int(r["epoch"])) for r in vals] == [(2, 0), (4, 1)]  # after epochs 0 and 1
     assert all(math.isfinite(float(r[k])) for r in steps for k in ("loss", "cls_loss", "box_loss", "lr", "images_per_s"))
     # best = the first evaluation (the second did not beat it by > 1.0): best.pth == the EMA .pth of step 2
     best = torch.load(run / "best.pth", weights_only=True)

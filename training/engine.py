@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -172,8 +173,12 @@ class Engine:
         _seed_everything(cfg.seed)
         ckpt = self._read_checkpoint(self.last_path) if resuming else None
         if cfg.weights and not resuming:
-            model = create_model(cfg.variant, checkpoint=cfg.weights, num_classes=len(self.obj_list),
-                                 image_size=cfg.image_size)
+            with warnings.catch_warnings(record=True) as caught:  # e.g. "class predictor reset": one line each
+                warnings.simplefilter("always")
+                model = create_model(cfg.variant, checkpoint=cfg.weights, num_classes=len(self.obj_list),
+                                     image_size=cfg.image_size)
+            for w in caught:
+                self.warn(str(w.message))
         else:
             model = EfficientDet(self.model_cfg)
         # one memory format for every run (fresh, from weights, resumed), so resumed steps are bit-equal
@@ -427,7 +432,8 @@ class Engine:
         if stats is None:
             return False
         ap = float(stats[0])
-        self._csv_row({"step": self.step, "epoch": self.epoch, "val_ap": repr(ap), "val_ap50": repr(float(stats[1]))})
+        done = self.epoch - 1  # the 0-based epoch just finished (the CSV's epoch column is 0-based throughout)
+        self._csv_row({"step": self.step, "epoch": done, "val_ap": repr(ap), "val_ap50": repr(float(stats[1]))})
         if self._tb is not None:
             self._tb.add_scalar("val/AP", ap, self.step)
             self._tb.add_scalar("val/AP50", float(stats[1]), self.step)
@@ -437,7 +443,7 @@ class Engine:
             atomic_write_many([(self.best_path, _torch_writer(self.ema.state_dict(self.model)))])
         else:
             self.evals_since_best += 1
-        self.info(f"epoch {self.epoch} step {self.step}: val AP {ap:.4f} AP50 {float(stats[1]):.4f} "
+        self.info(f"epoch {done} step {self.step}: val AP {ap:.4f} AP50 {float(stats[1]):.4f} "
                   f"(best {self.best_ap:.4f} at step {self.best_step}{', saved ' + str(self.best_path) if improved else ''})")
         return bool(self.cfg.es_patience) and self.evals_since_best >= self.cfg.es_patience
 
@@ -454,7 +460,7 @@ class Engine:
             gt = [(a["bbox"], names.get(int(a["category_id"]), "?")) for a in doc.get("annotations", [])
                   if int(a["image_id"]) == it.image_id]
             draw_debug_picture(read_image_rgb(it.path), gt, out.per_image.get(it.image_id, np.zeros((0, 7))),
-                               self.obj_list, folder / f"epoch{self.epoch:04d}_step{self.step}_img{it.image_id}.png")
+                               self.obj_list, folder / f"epoch{self.epoch - 1:04d}_step{self.step}_img{it.image_id}.png")
 
     # ------------------------------------------------------------------ logs
     def _csv_start(self, truncate_after: int | None) -> None:
