@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def _args(root, out, *extra):
     return ["-c", "0", "-p", "shape", "--projects-dir", str(root / "projects"), "--data-path",
             str(root / "datasets"), "--image-size", "64", "--batch-size", "2", "--workers", "0",
-            "-o", str(out), "--num-epochs", "20", "--val-interval", "0", "--deterministic", *extra]
+            "-o", str(out), "--num-epochs", "20", "--val-interval", "0", *extra]
 
 
 def _spawn(args):
     # one thread: the same kernels and reduction order in every run, and no oversubscribed cores
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "effdet_cli.train", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "effdet_cli.train", *args, "--deterministic"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
