@@ -1,71 +1,28 @@
 """``effdet-train``: fine-tune EfficientDet on a COCO-format dataset with the official recipe.
 
-A minimal first version (issue 10 item 1): the seed's project ``.yml`` and dataset layout, official
-defaults (Keras SGD momentum 0.9, warm-up + cosine lr scaled to the batch, clipping 10, L2 4e-5 in
-the loss, EMA 0.9998, official augmentation and targets), ``--head-only``, ``--weights
-PATH|last`` (the seed's ``--load_weights``); every save writes ``last.ckpt`` (model, EMA, optimizer, step, epoch, RNG) and the EMA
-weights as ``efficientdet-<variant>_<epoch>_<step>.pth`` (what ``create_model``/``effdet-infer``
-load), atomically. Not yet: validation AP, early stopping, logs, AdamW, AMP, multi-GPU, debug
-pictures, ``kill -9`` resume proof.
+The seed's project ``.yml`` and dataset layout; defaults are the official recipe (Keras SGD momentum
+0.9, warm-up + cosine lr scaled to the batch, clipping 10, L2 4e-5 in the loss, EMA 0.9998,
+official augmentation and targets). The loop lives in ``training.engine``; this script parses flags.
+
+Files (OUTPUT/PROJECT/): ``last.ckpt`` (the whole training state: resume with ``--weights last``),
+``<variant>_<epoch>_<step>.pth`` (EMA weights: what ``create_model``/``effdet-infer``/``effdet-eval``
+load), ``best.pth`` (EMA weights of the best val AP); LOG/: ``train_log.csv``, ``tensorboard/`` (when
+tensorboard is installed), ``debug/`` (``--debug``). Ctrl+C saves and exits 0.
 
     effdet-train -c 0 -p shape --data-path datasets/ --batch-size 8 --weights efficientdet-d0.pth
+    effdet-train -c 0 -p shape --weights last          # resume exactly where it stopped
 """
 from __future__ import annotations
 
 import argparse
-import ast
-import operator
 import sys
-import time
 from pathlib import Path
 
-from .common import VARIANT_HELP, add_device, add_output, add_weights, error, parse_args, variant_type
+from training.project import load_project, parse_number_list  # noqa: F401  (parse_number_list: API/tests)
+
+from .common import EXIT_USAGE, VARIANT_HELP, add_device, add_output, add_weights, error, parse_args, variant_type
 
 PROG = "effdet-train"
-
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
-
-
-def parse_number_list(text) -> list:
-    """The seed's ``anchors_scales: '[2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]'`` and
-    ``anchors_ratios: '[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]'``: numbers, tuples/lists and
-    + - * / ** only (no ``eval``)."""
-    if not isinstance(text, str):
-        return text
-
-    def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
-        if isinstance(node, (ast.List, ast.Tuple)):
-            return [ev(e) for e in node.elts]
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](ev(node.operand))
-        raise ValueError(f"not a number expression: {ast.dump(node)[:60]}")
-
-    return ev(ast.parse(text, mode="eval"))
-
-
-def load_project(path: Path) -> dict:
-    import yaml
-
-    try:
-        p = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot read the project file ({e})") from None
-    if not isinstance(p, dict):
-        raise ValueError(f"{path}: not a project mapping")
-    for key in ("project_name", "train_set", "obj_list"):
-        if key not in p:
-            raise ValueError(f"{path}: missing {key!r}")
-    for key in ("anchors_scales", "anchors_ratios"):
-        if key in p:
-            p[key] = parse_number_list(p[key])
-    return p
 
 
 def _bool(v: str) -> bool:
@@ -79,28 +36,52 @@ def _bool(v: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("-c", "--compound-coef", "--compound_coef", type=int, help="0-7 (d0..d7), 8 = d7x")
+    g.add_argument("-c", "--compound-coef", "--compound_coef", type=int, help="0-7 (d0..d7), 8 = d7x (default 0)")
     g.add_argument("--variant", type=variant_type, metavar="NAME", help=VARIANT_HELP)
-    p.add_argument("-p", "--project", default="coco", help="projects/NAME.yml in the seed's format")
-    p.add_argument("--projects-dir", default="projects", help="folder of the project .yml files")
-    p.add_argument("--data-path", "--data_path", default="datasets/", help="holds NAME/{train_set}/ and NAME/annotations/")
+    p.add_argument("-p", "--project", default="coco", help="projects/NAME.yml in the seed's format (default coco)")
+    p.add_argument("--projects-dir", default="projects", help="folder of the project .yml files (default projects)")
+    p.add_argument("--data-path", "--data_path", default="datasets/",
+                   help="holds NAME/{train_set,val_set}/ and NAME/annotations/instances_{set}.json (default datasets/)")
     p.add_argument("--image-size", help="network input size (default: the variant's)")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=12, help="images per step")
-    p.add_argument("--lr", type=float, default=0.08, help="official base lr; used as lr * batch / 64")
-    p.add_argument("--num-epochs", "--num_epochs", type=int, default=300)
-    p.add_argument("--save-interval", "--save_interval", type=int, default=500, help="save every N steps")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=12, help="images per step (default 12)")
+    p.add_argument("--optim", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd: the official Keras-convention SGD, momentum 0.9, L2 4e-5 in the loss (default); "
+                        "adamw: the seed's choice, torch AdamW with decoupled weight decay 0.01 instead of the L2")
+    p.add_argument("--lr", type=float,
+                   help="base learning rate: sgd uses lr*batch/64 (official 0.08), warm-up from 0.008 over one epoch, "
+                        "then cosine; adamw uses lr as given (default 1e-4), warm-up from lr/10, then cosine")
+    p.add_argument("--num-epochs", "--num_epochs", type=int, default=300, help="epochs (default 300, official)")
+    p.add_argument("--save-interval", "--save_interval", type=int, default=500,
+                   help="save last.ckpt and the EMA .pth every N steps (and at the end; default 500)")
+    p.add_argument("--val-interval", "--val_interval", type=int, default=1,
+                   help="COCO AP of the EMA weights on val_set every N epochs, best kept as best.pth; 0: never (default 1)")
+    p.add_argument("--es-min-delta", "--es_min_delta", type=float, default=0.0,
+                   help="early stopping: an AP gain must exceed this to count (default 0.0)")
+    p.add_argument("--es-patience", "--es_patience", type=int, default=0,
+                   help="early stopping: stop after N evaluations without a gain; 0 disables it (default 0)")
     add_weights(p, required=False, aliases=("--load-weights", "--load_weights"),
-                help="a converted .pth, an official checkpoint, or 'last' (resume from SAVED_PATH/PROJECT/); "
-                     "the seed's --load_weights works too")
+                help="start from a converted .pth or an official checkpoint, or 'last' to resume OUTPUT/PROJECT/last.ckpt "
+                     "exactly (model, optimizer, schedule, EMA, data position, RNG); the seed's --load_weights works too")
     p.add_argument("--head-only", "--head_only", type=_bool, nargs="?", const=True, default=False,
-                   help="train only the class/box heads (backbone and BiFPN frozen)")
+                   help="train only the class/box heads (backbone and BiFPN frozen, as the official var_freeze_expr)")
     add_output(p, default="logs/", help="checkpoints go to OUTPUT/PROJECT/ (the seed's --saved_path; default logs/)")
     for alias in ("--saved-path", "--saved_path"):
         p.add_argument(alias, dest="output", help=argparse.SUPPRESS)
-    p.add_argument("--workers", "--num_workers", type=int, default=2, help="data loader processes")
+    p.add_argument("--log-path", "--log_path", help="CSV log, TensorBoard scalars and --debug pictures go here "
+                   "(default: OUTPUT/PROJECT/)")
+    p.add_argument("--debug", type=_bool, nargs="?", const=True, default=False,
+                   help="at every evaluation, write pictures of the EMA model's detections (red) against the ground "
+                        "truth (green) of the first val images to LOG/debug/")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast on CUDA (no loss scaling needed, so clipping sees the true gradients); "
+                        "refused on CPU")
+    p.add_argument("--force", action="store_true", help="start a new run in an OUTPUT/PROJECT/ that holds one")
+    p.add_argument("--workers", "--num_workers", type=int, default=2, help="data loader processes (default 2)")
     add_device(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and augmentation draws")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation draws")
+    p.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms (bit-equal reruns)")
+    p.add_argument("--max-steps", type=int, help="stop (and save) after this many steps in total")
+    p.add_argument("--log-interval", type=int, default=10, help=argparse.SUPPRESS)
     return p
 
 
@@ -115,128 +96,51 @@ def _variant(args) -> str:
     return resolve_variant_name("d7x" if c == 8 else f"d{c}")
 
 
-def _pixel_scale(values, default) -> list[float]:
-    if values is None:
-        return list(default)
-    values = [float(v) for v in values]
-    return [v * 255.0 for v in values] if max(values) <= 1.0 else values
+def build_config(args):
+    """The engine's :class:`~training.engine.TrainConfig` from the flags and the project file."""
+    from training.engine import TrainConfig
+    from training.project import dataset_paths, pixel_scale
 
-
-def _save(path: Path, obj) -> None:
-    import torch
-
-    from effdet_torch.files import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-
-    atomic_write(path, write)
+    name = _variant(args)
+    proj = load_project(Path(args.projects_dir) / f"{args.project}.yml")
+    scales = proj.get("anchors_scales")
+    if scales is not None and not all(abs(s - 2 ** (i / 3)) < 1e-6 for i, s in enumerate(scales)):
+        raise ValueError(f"{args.project}.yml: custom anchors_scales {scales} are not supported yet (official 2^(i/3))")
+    train_ann, train_img = dataset_paths(args.data_path, proj, "train_set")
+    val = dataset_paths(args.data_path, proj, "val_set")
+    out_dir = Path(args.output) / str(proj["project_name"])
+    return TrainConfig(
+        variant=name, obj_list=[str(n) for n in proj["obj_list"]], train_annotations=str(train_ann),
+        train_images=str(train_img), out_dir=str(out_dir),
+        val_annotations=str(val[0]) if val else None, val_images=str(val[1]) if val else None,
+        image_size=args.image_size,
+        mean_rgb=pixel_scale(proj.get("mean"), ()) or None, stddev_rgb=pixel_scale(proj.get("std"), ()) or None,
+        batch_size=args.batch_size, lr=args.lr, optim=args.optim, num_epochs=args.num_epochs,
+        save_interval=args.save_interval, val_interval=args.val_interval, es_min_delta=args.es_min_delta,
+        es_patience=args.es_patience, weights=args.weights, head_only=args.head_only, device=args.device,
+        amp=args.amp, workers=args.workers, seed=args.seed, max_steps=args.max_steps, log_path=args.log_path,
+        log_interval=args.log_interval, debug=args.debug, force=args.force, deterministic=args.deterministic)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
+    if args.amp and not str(args.device).startswith("cuda"):
+        return error(PROG, f"--amp needs a CUDA device (--device cuda), not {args.device!r}; on CPU train without --amp",
+                     EXIT_USAGE)
+    last = None
     try:
-        return _run(args)
+        from training.engine import Engine
+
+        engine = Engine(build_config(args), warn=lambda m: print(f"{PROG}: warning: {m}", file=sys.stderr, flush=True))
+        last = engine.last_path
+        engine.fit()
+        return 0
     except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
         return error(PROG, str(e))
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 0
-
-
-def _run(args) -> int:
-    import warnings
-
-    import torch
-
-    from effdet_torch.anchors import generate_anchors
-    from effdet_torch.config import get_config
-    from effdet_torch.model import EfficientDet, create_model
-    from training.data import CocoTrainDataset, collate
-    from training.optim import CosineSchedule, KerasSGD, ModelEma
-    from training.step import Trainer
-    from training.targets import batch_targets
-
-    name = _variant(args)
-    proj = load_project(Path(args.projects_dir) / f"{args.project}.yml")
-    obj_list = list(proj["obj_list"])
-    cfg = get_config(name, image_size=args.image_size, num_classes=len(obj_list))
-    scales = proj.get("anchors_scales")
-    if scales is not None and not all(abs(s - 2 ** (i / 3)) < 1e-6 for i, s in enumerate(scales)):
-        raise ValueError(f"{args.project}.yml: custom anchors_scales {scales} are not supported yet (official 2^(i/3))")
-    # the seed writes mean/std on the 0-1 scale; the official pipeline normalises 0-255 pixels
-    mean, std = (_pixel_scale(proj.get(k), d) for k, d in (("mean", cfg.mean_rgb), ("std", cfg.stddev_rgb)))
-    root = Path(args.data_path) / proj["project_name"]
-    train_set = proj["train_set"]
-    ds = CocoTrainDataset(root / "annotations" / f"instances_{train_set}.json", root / train_set, obj_list,
-                          cfg.image_size, mean, std, seed=args.seed)
-    if ds.dropped:
-        warnings.warn(f"{ds.dropped} zero-area or out-of-image box(es) dropped from {train_set}", stacklevel=1)
-    out_dir = Path(args.output) / proj["project_name"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    last = out_dir / "last.ckpt"
-    torch.manual_seed(args.seed)
-    resume = None
-    if args.weights == "last":
-        if not last.is_file():
-            raise FileNotFoundError(f"{last}: no checkpoint to resume")
-        resume = torch.load(last, map_location="cpu", weights_only=True)
-        model = EfficientDet(cfg)
-        model.load_state_dict(resume["model"])
-    elif args.weights:
-        model = create_model(name, checkpoint=args.weights, num_classes=len(obj_list), image_size=args.image_size)
-    else:
-        model = EfficientDet(cfg)
-    device = torch.device(args.device)
-    model.to(device).train()
-    if args.head_only:
-        for mod in (model.backbone, model.fpn):
-            for p in mod.parameters():
-                p.requires_grad_(False)
-    steps_per_epoch = max(1, len(ds) // args.batch_size)
-    schedule = CosineSchedule.official(args.batch_size, steps_per_epoch, args.num_epochs, learning_rate=args.lr)
-    opt = KerasSGD([p for p in model.parameters() if p.requires_grad], lr=schedule(0), momentum=0.9)
-    ema = ModelEma(model)
-    step, epoch = 0, 0
-    if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        ema.shadow = {k: v.to(device) for k, v in resume["ema"].items()}
-        step, epoch = int(resume["step"]), int(resume["epoch"])
-        torch.set_rng_state(resume["torch_rng"])
-    trainer = Trainer(model, opt, schedule, ema=ema, start_step=step)
-    anchors = torch.from_numpy(generate_anchors(cfg)).to(device)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(args.seed + epoch))
-
-    def save() -> None:
-        state = {"model": model.state_dict(), "ema": ema.shadow, "optimizer": opt.state_dict(), "step": trainer.step_count,
-                 "epoch": epoch, "torch_rng": torch.get_rng_state(), "variant": name, "obj_list": obj_list}
-        _save(last, state)
-        _save(out_dir / f"{name}_{epoch}_{trainer.step_count}.pth", ema.state_dict(model))
-
-    t0 = time.time()
-    while epoch < args.num_epochs:
-        ds.epoch = epoch
-        for images, boxes, classes in loader:
-            images = images.to(device)
-            targets = batch_targets(boxes.to(device), classes.to(device), anchors)
-            out = trainer.step(images, targets)
-            if trainer.step_count % 10 == 0 or trainer.step_count == 1:
-                print(f"epoch {epoch} step {trainer.step_count} loss {out.losses['loss']:.4f} cls "
-                      f"{out.losses['cls_loss']:.4f} box {out.losses['box_loss']:.5f} lr {out.losses['learning_rate']:.5f} "
-                      f"{trainer.step_count * args.batch_size / max(time.time() - t0, 1e-9):.1f} img/s", flush=True)
-            if trainer.step_count % args.save_interval == 0:
-                save()
-            if args.max_steps and trainer.step_count >= args.max_steps:
-                save()
-                return 0
-        epoch += 1
-    save()
-    return 0
+        return error(PROG, "interrupted again: stopped without saving" + (f"; last good checkpoint {last}" if last else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,11 +2,13 @@
 
 ``datasets/NAME/{train_set}/*.jpg`` + ``datasets/NAME/annotations/instances_{train_set}.json``.
 Each sample: COCO ``bbox [x, y, w, h]`` (pixels) → normalised ``(ymin, xmin, ymax, xmax)`` clipped
-to the image, zero-area boxes dropped (counted), crowd boxes kept for the pipeline to skip, then
+to the image (counted), zero-area/non-finite/out-of-image boxes dropped (counted), images
+without boxes kept (negatives), crowd boxes kept for the pipeline to skip, then
 :func:`training.augment.train_transform` with per-sample draws from ``(seed, epoch, index)``.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +21,21 @@ from evaluation.coco import load_annotations, read_image_rgb
 
 from .augment import AugmentDraws, train_transform
 
-__all__ = ["CocoTrainDataset", "collate"]
+__all__ = ["CocoTrainDataset", "collate", "load_train_annotations"]
+
+
+def load_train_annotations(path: str | os.PathLike) -> dict[str, Any]:
+    """A COCO annotation file, every way of being unreadable a ``ValueError`` naming the file."""
+    try:
+        return load_annotations(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: annotation file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed annotation JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 JSON file ({e.reason})") from None
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: malformed annotation file ({e!r})") from None
 
 
 class CocoTrainDataset(Dataset):
@@ -33,19 +49,37 @@ class CocoTrainDataset(Dataset):
                  obj_list: Sequence[str], image_size: tuple[int, int], mean_rgb, stddev_rgb,
                  jitter: tuple[float, float] = (0.1, 2.0), hflip: bool = True, seed: int = 0) -> None:
         src = str(annotations) if not isinstance(annotations, dict) else "<annotations>"
-        doc = annotations if isinstance(annotations, dict) else load_annotations(annotations)
-        names = {int(c["id"]): c["name"] for c in doc.get("categories", [])}
+        doc = annotations if isinstance(annotations, dict) else load_train_annotations(annotations)
+        try:
+            names = {int(c["id"]): c["name"] for c in doc.get("categories", [])}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{src}: malformed 'categories' entry ({e!r})") from None
         cls_of_name = {n: i + 1 for i, n in enumerate(obj_list)}
         root = Path(images_dir)
         by_image: dict[int, list[dict]] = {}
+        image_ids = set()
+        for im in doc["images"]:
+            if not isinstance(im, dict) or not {"id", "file_name", "width", "height"} <= set(im):
+                raise ValueError(f"{src}: malformed image entry {str(im)[:80]} (needs id, file_name, width, height)")
+            image_ids.add(int(im["id"]))
+        self.orphans = 0  # annotations of an image id that is not in 'images'
         for a in doc.get("annotations", []):
+            if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a or "bbox" not in a:
+                raise ValueError(f"{src}: malformed annotation {str(a)[:80]} (needs image_id, category_id, bbox)")
+            if int(a["image_id"]) not in image_ids:
+                self.orphans += 1
+                continue
             by_image.setdefault(int(a["image_id"]), []).append(a)
         self.items = []
-        self.dropped = 0
+        self.dropped = 0  # zero-area, non-finite or entirely out-of-image boxes
+        self.clipped = 0  # boxes reaching outside the image, clipped to it
+        self.negatives = 0  # images without any (kept) box: allowed, pure background
+        missing = []
         for im in sorted(doc["images"], key=lambda im: im["id"]):
             path = root / im["file_name"]
             if not path.is_file():
-                raise FileNotFoundError(f"{src}: image {im['id']} file {path} is missing")
+                missing.append(str(path))
+                continue
             w, h = float(im["width"]), float(im["height"])
             rows = []
             for a in by_image.get(int(im["id"]), []):
@@ -53,14 +87,28 @@ class CocoTrainDataset(Dataset):
                 if names.get(cid) not in cls_of_name:
                     raise ValueError(f"{src}: annotation {a.get('id')} has category_id {cid} "
                                      f"({names.get(cid, 'not in categories')!r}), which is not in obj_list {list(obj_list)}")
-                x, y, bw, bh = (float(v) for v in a["bbox"])
-                box = np.clip([y / h, x / w, (y + bh) / h, (x + bw) / w], 0.0, 1.0)
+                try:
+                    x, y, bw, bh = (float(v) for v in a["bbox"])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{src}: annotation {a.get('id')} bbox {a['bbox']!r} is not [x, y, w, h]") from None
+                raw = np.array([y / h, x / w, (y + bh) / h, (x + bw) / w], np.float64)
+                if not np.isfinite(raw).all():
+                    self.dropped += 1
+                    continue
+                box = np.clip(raw, 0.0, 1.0)
                 if box[2] <= box[0] or box[3] <= box[1]:
                     self.dropped += 1
                     continue
+                if not np.array_equal(box, raw):
+                    self.clipped += 1
                 rows.append((*box, cls_of_name[names[cid]], int(a.get("iscrowd", 0))))
             arr = np.asarray(rows, np.float32).reshape(-1, 6)
+            self.negatives += int(not len(arr))
             self.items.append((path, arr))
+        if missing:
+            raise FileNotFoundError(f"{src}: {len(missing)} image file(s) missing under {root}, e.g. {missing[0]}")
+        if not self.items:
+            raise ValueError(f"{src}: no images")
         self.image_size = tuple(image_size)
         self.mean_rgb, self.stddev_rgb = tuple(mean_rgb), tuple(stddev_rgb)
         self.jitter, self.hflip, self.seed = tuple(jitter), hflip, seed
