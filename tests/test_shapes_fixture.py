@@ -9,8 +9,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from effdet_cli.train import load_project
 from fixtures.shapes import SHAPE_CLASSES, make_shapes_project
+from training.project import load_project
 
 
 def _digest(root):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import math
 import os
 import random
 import signal
@@ -309,7 +308,6 @@ class Engine:
         return [perm[i * b:(i + 1) * b] for i in range(self.steps_per_epoch)]
 
     def fit(self) -> str:
-        cfg = self.cfg
         handler_installed = False
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, self._on_sigint)
