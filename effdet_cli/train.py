@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights(p, required=False, aliases=("--load-weights", "--load_weights"),
                 help="start from a converted .pth or an official checkpoint, or 'last' to resume OUTPUT/PROJECT/last.ckpt "
                      "exactly (model, optimizer, schedule, EMA, data position, RNG); the seed's --load_weights works too")
+    p.add_argument("--jitter", type=float, nargs=2, default=(0.1, 2.0), metavar=("MIN", "MAX"),
+                   help="random scale of the output size in the official augmentation (official jitter_min "
+                        "jitter_max: 0.1 2.0; 1 1 keeps only the flip)")
     p.add_argument("--head-only", "--head_only", type=_bool, nargs="?", const=True, default=False,
                    help="train only the class/box heads (backbone and BiFPN frozen, as the official var_freeze_expr)")
     add_output(p, default="logs/", help="checkpoints go to OUTPUT/PROJECT/ (the seed's --saved_path; default logs/)")
@@ -115,7 +118,7 @@ def build_config(args):
         val_annotations=str(val[0]) if val else None, val_images=str(val[1]) if val else None,
         image_size=args.image_size,
         mean_rgb=pixel_scale(proj.get("mean"), ()) or None, stddev_rgb=pixel_scale(proj.get("std"), ()) or None,
-        batch_size=args.batch_size, lr=args.lr, optim=args.optim, num_epochs=args.num_epochs,
+        batch_size=args.batch_size, jitter=tuple(args.jitter), lr=args.lr, optim=args.optim, num_epochs=args.num_epochs,
         save_interval=args.save_interval, val_interval=args.val_interval, es_min_delta=args.es_min_delta,
         es_patience=args.es_patience, weights=args.weights, head_only=args.head_only, device=args.device,
         amp=args.amp, workers=args.workers, seed=args.seed, max_steps=args.max_steps, log_path=args.log_path,

@@ -152,3 +152,35 @@ def test_amp_refused_on_cpu_and_help(capsys):
     actions = build_parser()._option_string_actions
     for hidden in ("--load-weights", "--load_weights", "--saved_path", "--saved-path"):
         assert actions[hidden].help == argparse.SUPPRESS  # accepted, not listed
+
+
+def test_jitter_reaches_the_augmentation_and_is_checked(tmp_path):
+    """``--jitter MIN MAX`` is the official jitter_min/jitter_max: the dataset draws its scales from it."""
+    import pytest
+
+    from effdet_cli.train import build_parser
+    from training.engine import TrainConfig
+
+    args = build_parser().parse_args(["-c", "0", "--jitter", "1", "1"])
+    assert tuple(args.jitter) == (1.0, 1.0)
+    assert build_parser().parse_args(["-c", "0"]).jitter == (0.1, 2.0)
+    assert TrainConfig(variant="efficientdet-d0", obj_list=["a"], train_annotations="x", train_images="y",
+                       out_dir=str(tmp_path)).jitter == (0.1, 2.0)
+    from training.engine import Engine
+
+    with pytest.raises(ValueError, match="jitter"):
+        Engine(TrainConfig(variant="efficientdet-d0", obj_list=["a"], train_annotations="x", train_images="y",
+                           out_dir=str(tmp_path), jitter=(2.0, 1.0)))
+    from fixtures.shapes import SHAPE_CLASSES, make_shapes_project
+
+    d = make_shapes_project(tmp_path / "p", num_train=2, num_val=1, size=64) / "datasets" / "shapes"
+    eng = Engine(TrainConfig(variant="efficientdet-d0", obj_list=list(SHAPE_CLASSES), image_size=64,
+                             train_annotations=str(d / "annotations" / "instances_train.json"),
+                             train_images=str(d / "train"), out_dir=str(tmp_path / "o"), jitter=(1.0, 1.0),
+                             batch_size=1))
+    assert eng.train_set.jitter == (1.0, 1.0)
+    _, boxes, _ = eng.train_set[0]  # scale 1 and a square image: the boxes keep their size (no zoom)
+    ann = [a for a in __import__("json").loads((d / "annotations" / "instances_train.json").read_text())["annotations"]
+           if a["image_id"] == 1]
+    hw = sorted(float(b[2] - b[0]) for b in boxes[: len(ann)])
+    assert hw == pytest.approx(sorted(a["bbox"][3] for a in ann), abs=1e-3)

@@ -76,6 +76,7 @@ class TrainConfig:
     mean_rgb: Sequence[float] | None = None  # 0-255 scale; None: the variant's
     stddev_rgb: Sequence[float] | None = None
     batch_size: int = 12
+    jitter: tuple[float, float] = (0.1, 2.0)  # official jitter_min, jitter_max: random scale of the output size
     lr: float | None = None  # sgd: base lr used as lr · batch / 64 (official 0.08); adamw: as given (1e-4)
     optim: str = "sgd"
     num_epochs: int = 300
@@ -143,8 +144,11 @@ class Engine:
         self.model_cfg = get_config(cfg.variant, image_size=cfg.image_size, num_classes=len(self.obj_list))
         self.mean = list(cfg.mean_rgb or self.model_cfg.mean_rgb)
         self.std = list(cfg.stddev_rgb or self.model_cfg.stddev_rgb)
+        if not 0 < cfg.jitter[0] <= cfg.jitter[1]:
+            raise ValueError(f"jitter {cfg.jitter}: expected 0 < min <= max (official 0.1, 2.0)")
         self.train_set = CocoTrainDataset(cfg.train_annotations, cfg.train_images, self.obj_list,
-                                          self.model_cfg.image_size, self.mean, self.std, seed=cfg.seed)
+                                          self.model_cfg.image_size, self.mean, self.std,
+                                          jitter=tuple(cfg.jitter), seed=cfg.seed)
         ds = self.train_set
         if ds.dropped or ds.clipped or ds.orphans:
             self.warn(f"{cfg.train_annotations}: {ds.dropped} zero-area, non-finite or out-of-image box(es) dropped, "
