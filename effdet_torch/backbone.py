@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import BackboneConfig
-from .ops import BatchNorm2d, Conv2dSame, NormLayer, create_act
+from .ops import BatchNorm2d, Conv2dSame, NormLayer, create_act, drop_connect
 
 __all__ = ["EfficientNetBackbone", "MBConvBlock", "SqueezeExcite"]
 
@@ -53,6 +53,7 @@ class MBConvBlock(nn.Module):
         self.conv_project = Conv2dSame(mid, out_ch, 1, bias=False)
         self.bn_project = norm(out_ch)
         self.has_skip = stride == 1 and in_ch == out_ch
+        self.survival_prob: float | None = None  # set by the backbone: drop-connect of the residual branch
 
     def forward(self, x: Tensor) -> Tensor:
         y = x
@@ -63,6 +64,8 @@ class MBConvBlock(nn.Module):
             y = self.se(y)
         y = self.bn_project(self.conv_project(y))
         if self.has_skip:  # drop-connect is a training-only op; inference is the plain sum
+            if self.training and self.survival_prob:
+                y = drop_connect(y, self.survival_prob)
             y = y + x
         return y
 
@@ -109,6 +112,9 @@ class EfficientNetBackbone(nn.Module):
                 )
                 level_of_block.append(level)
         self.blocks = nn.ModuleList(blocks)
+        if cfg.survival_prob:  # official: block i of N keeps its branch with 1 - (1 - p) * i / N
+            for i, b in enumerate(blocks):
+                b.survival_prob = 1.0 - (1.0 - cfg.survival_prob) * i / len(blocks)
         # Endpoint of a level = the last block at that level (official reduction_{level}).
         self.out_indices = [max(i for i, lv in enumerate(level_of_block) if lv == lvl) for lvl in out_levels]
         self.out_channels = [blocks[i].bn_project.num_features for i in self.out_indices]

@@ -63,6 +63,13 @@ class BackboneConfig:
     def use_se(self) -> bool:
         return not self.lite
 
+    @property
+    def survival_prob(self) -> float | None:
+        """Drop-connect (stochastic depth) in training: the EfficientNet and EfficientNet-lite builders'
+        default survival probability 0.8, except that EfficientDet passes 0.0 (off) to backbones whose
+        name contains ``b0`` (so D0 has none; lite0 has it)."""
+        return None if "b0" in self.name else 0.8
+
     def round_filters(self, filters: int) -> int:
         """Scale channels by ``width`` and round to a multiple of 8, never more than 10 % down."""
         divisor = 8

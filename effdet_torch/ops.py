@@ -119,6 +119,14 @@ def tf_batch_norm(eps: float = 1e-3, tf_momentum: float = 0.99) -> NormLayer:
     return functools.partial(BatchNorm2d, eps=eps, tf_momentum=tf_momentum)
 
 
+def drop_connect(x: Tensor, survival_prob: float) -> Tensor:
+    """Stochastic depth of a residual branch ``[B, C, H, W]`` in training: each sample's branch is kept
+    with probability ``survival_prob`` and then divided by it (``floor(p + U[0, 1))`` per sample), so
+    inference needs no rescaling."""
+    keep = torch.floor(survival_prob + torch.rand((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device))
+    return x / survival_prob * keep
+
+
 class Swish(nn.Module):
     """``tf.nn.swish`` = x · sigmoid(x)."""
 
