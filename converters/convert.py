@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from effdet_torch.checkpoint import load_state_dict_file, register_checkpoint_loader
+from effdet_torch.checkpoint import load_state_dict_file, register_checkpoint_loader, torch_writer
 from effdet_torch.config import VARIANTS, resolve_variant_name
 from effdet_torch.files import atomic_write, sha256_file
 
@@ -162,10 +162,7 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, for
 
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     else:
-        def write_pth(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object keeps the archive's root name fixed ("archive"),
-                torch.save(state, f)    # so the same weights always give the same sha256
-        atomic_write(path, write_pth)
+        atomic_write(path, torch_writer(state))  # same weights, same sha256
     return sha256_file(path)
 
 

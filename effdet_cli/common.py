@@ -18,7 +18,7 @@ import sys
 from effdet_torch.config import resolve_variant_name
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "VARIANT_HELP", "variant_type", "add_variant", "add_weights",
-           "add_output", "add_device", "check_required", "parse_args", "error"]
+           "add_output", "add_device", "parse_args", "error"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 VARIANT_HELP = "d0..d7, d7x, lite0..lite4, lite3x, or the full official name (efficientdet-d0)"
@@ -52,7 +52,7 @@ def add_weights(p: argparse.ArgumentParser, required: bool = True, help: str | N
     for a in aliases:
         p.add_argument(a, dest="weights", metavar="PATH", help=argparse.SUPPRESS)
     if required:  # checked by parse_args: argparse's own check would refuse the hidden alias
-        _required(p).append(("weights", "--weights"))
+        _require(p, "weights", "--weights")
 
 
 def add_output(p: argparse.ArgumentParser, required: bool = False, default=None, help: str = "output path",
@@ -62,21 +62,12 @@ def add_output(p: argparse.ArgumentParser, required: bool = False, default=None,
     p.add_argument("-o", "--output", dest="output", default=default, metavar="PATH", help=help, **kw)
     p.add_argument("--out", dest="output", metavar="PATH", help=argparse.SUPPRESS, **kw)
     if required:
-        _required(p).append(("output", "-o/--output"))
+        _require(p, "output", "-o/--output")
 
 
-def _required(p: argparse.ArgumentParser) -> list[tuple[str, str]]:
-    if not hasattr(p, "_effdet_required"):
-        p._effdet_required = []  # type: ignore[attr-defined]
-    return p._effdet_required  # type: ignore[attr-defined]
-
-
-def check_required(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """argparse's "required" check for options that have hidden aliases (exit 2 when one is missing)."""
-    missing = [flag for dest, flag in _required(p) if getattr(args, dest, None) is None]
-    if missing:
-        p.error("the following arguments are required: " + ", ".join(missing))
-    return args
+def _require(p: argparse.ArgumentParser, dest: str, flag: str) -> None:
+    """Record on ``p`` (as parser defaults, so a subcommand's parser brings its own) that ``dest`` must be given."""
+    p.set_defaults(_required=(*(p.get_default("_required") or ()), (dest, flag)), _parser=p)
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "cpu", help: str | None = None) -> None:
@@ -86,15 +77,14 @@ def add_device(p: argparse.ArgumentParser, default: str = "cpu", help: str | Non
 
 
 def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
-    """``p.parse_args(argv)`` with the hidden-alias "required" checks (of ``p`` and of the chosen
-    subcommand's parser); a usage error or ``--help`` returns its exit status instead of raising."""
+    """``p.parse_args(argv)`` with the "required" check of options that have hidden aliases (argparse's
+    own check would refuse the alias); a usage error or ``--help`` returns its exit status instead of raising."""
     try:
         args = p.parse_args(argv)
-        check_required(p, args)
-        for action in p._subparsers._group_actions if p._subparsers else []:  # the chosen subcommand
-            sub = getattr(action, "choices", {}).get(getattr(args, action.dest, None)) if action.dest else None
-            if sub is not None:
-                check_required(sub, args)
+        required, owner = vars(args).pop("_required", ()), vars(args).pop("_parser", p)
+        missing = [flag for dest, flag in required if getattr(args, dest, None) is None]
+        if missing:  # reported by the parser (subcommand) that declared them, as argparse would
+            owner.error("the following arguments are required: " + ", ".join(missing))
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     return args

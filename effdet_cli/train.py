@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.project import load_project, parse_number_list  # noqa: F401  (parse_number_list: API/tests)
+from training.project import load_project
 
 from .common import EXIT_USAGE, VARIANT_HELP, add_device, add_output, add_weights, error, parse_args, variant_type
 

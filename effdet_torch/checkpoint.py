@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import torch
 from torch import Tensor
 
 __all__ = ["CheckpointError", "CLASS_BIAS_KEY", "STATE_DICT_SUFFIXES", "load_state_dict_file", "num_classes_of",
-           "register_checkpoint_loader", "load_checkpoint"]
+           "register_checkpoint_loader", "load_checkpoint", "torch_writer"]
 
 CLASS_BIAS_KEY = "class_net.predict.conv_pw.bias"  # [A · num_classes]: the class predictor's bias
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -82,6 +82,16 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
                                                        for k, v in obj.items()):
         raise CheckpointError(f"{path}: not a state_dict (expected a dict of str -> Tensor, got {type(obj).__name__})")
     return obj
+
+
+def torch_writer(obj) -> Callable[[str], None]:
+    """A ``write(tmp)`` for :func:`effdet_torch.files.atomic_write`: ``torch.save(obj)`` into a file object,
+    which keeps the archive's root name fixed ("archive"), so the same tensors always give the same bytes."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return write
 
 
 def num_classes_of(state: Mapping[str, Tensor], num_anchors: int, source: str = "state dict") -> int:

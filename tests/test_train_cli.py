@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fixtures.synthetic_coco import COCO_CATEGORIES, make_synthetic_coco
-from effdet_cli.train import main, parse_number_list
+from effdet_cli.train import main
+from training.project import parse_number_list
 
 
 def test_parse_number_list_is_safe():

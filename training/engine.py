@@ -39,7 +39,8 @@ import torch
 
 from effdet_torch.anchors import generate_anchors
 from effdet_torch.config import get_config
-from effdet_torch.files import atomic_write_many
+from effdet_torch.checkpoint import torch_writer
+from effdet_torch.files import atomic_write, atomic_write_many
 from effdet_torch.model import EfficientDet, create_model
 from evaluation.coco import CocoEvalImages, evaluate_coco, read_image_rgb
 from evaluation.evaluate import run_eval
@@ -298,7 +299,7 @@ class Engine:
         was = self._critical
         self._critical = True  # a Ctrl+C waits for the renames (the files are consistent either way)
         try:
-            atomic_write_many([(self.last_path, _torch_writer(state)), (weights, _torch_writer(ema_weights))])
+            atomic_write_many([(self.last_path, torch_writer(state)), (weights, torch_writer(ema_weights))])
         finally:
             self._critical = was
         self.last_good = (self.last_path, self.step)
@@ -442,7 +443,7 @@ class Engine:
         improved = self.best_ap is None or ap > self.best_ap + self.cfg.es_min_delta
         if improved:
             self.best_ap, self.best_step, self.evals_since_best = ap, self.step, 0
-            atomic_write_many([(self.best_path, _torch_writer(self.ema.state_dict(self.model)))])
+            atomic_write(self.best_path, torch_writer(self.ema.state_dict(self.model)))
         else:
             self.evals_since_best += 1
         self.info(f"epoch {done} step {self.step}: val AP {ap:.4f} AP50 {float(stats[1]):.4f} "
@@ -480,7 +481,7 @@ class Engine:
                 w.writeheader()
                 w.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in rows)
 
-        atomic_write_many([(self.csv_path, write)])
+        atomic_write(self.csv_path, write)
 
     def _csv_row(self, row: dict) -> None:
         with open(self.csv_path, "a", newline="") as f:
@@ -525,14 +526,6 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise OSError(f"{folder}: cannot write there ({e.strerror or e})") from None
-
-
-def _torch_writer(obj) -> Callable[[str], None]:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-
-    return write
 
 
 def _seed_everything(seed: int) -> None:
