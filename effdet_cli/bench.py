@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from effdet_torch import Detector, create_model
+from effdet_torch.config import resolve_variant_name
 from effdet_torch.files import write_json
 
 from .common import (
@@ -119,8 +121,6 @@ def run_bench(variants: Sequence[str], batches: Sequence[int], image_size=None, 
     import numpy as np
     import torch
 
-    from effdet_torch import Detector, create_model
-    from effdet_torch.config import resolve_variant_name
 
     torch.set_grad_enabled(False)
     dev = torch.device(device)

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import golden as golden_data
 from converters import EMA_SUFFIX
-from converters.download import RELEASE_URLS
-from converters.sources import RELEASE_SUFFIXES, find_release_file
+from converters.convert import convert_checkpoint, save_state_dict
+from converters.download import RELEASE_URLS, DownloadError, download, release_url
+from converters.name_map import format_map, name_map_for
+from converters.sources import RELEASE_SUFFIXES, CheckpointError, find_release_file
 from effdet_torch.files import sha256_array
+from effdet_torch.model import create_model
+from parity.golden import run_golden
 
 from .common import EXIT_USAGE, add_device, add_output, add_variant, add_weights, error, parse_args, variant_type
 
@@ -74,7 +78,6 @@ def weights_mismatch(state: dict, variant: str, sha_json: Path) -> str | None:
     recorded); otherwise why not, in a few words."""
     import json
 
-    from converters.name_map import name_map_for
 
     doc = json.loads(sha_json.read_text())
     if doc.get("variant") not in (None, variant):
@@ -107,8 +110,6 @@ def verify_output(out: Path, variant: str, state: dict, golden: Path | None, dev
         looked = ", ".join(f"{d / variant}/" for d in (Path("golden"), *golden_data.golden_dirs()))
         print(f"verify      no golden recorded for {variant} (looked in {looked}; pass --golden FILE): not verified")
         return 0
-    from effdet_torch.model import create_model
-    from parity.golden import run_golden
 
     model = None
     ran = failed = 0
@@ -188,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         return error(PROG, "the following arguments are required: --variant", EXIT_USAGE)
     args.ckpt = Path(args.weights) if args.weights is not None else None
     if args.print_map:
-        from converters.name_map import format_map, name_map_for
 
         print(format_map(name_map_for(variant)))
         return 0
@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.download:
         if out.exists() and not args.force:  # refuse before fetching hundreds of MB
             return error(PROG, f"{out} already exists; pass --force to overwrite")
-        from converters.download import DownloadError, download, release_url
 
         url = release_url(variant, RELEASE_URLS[variant])
         ckpt = Path.cwd() / url.rsplit("/", 1)[-1]
@@ -224,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
                            f"  then run this again in its folder, or pass --weights PATH (or use --download).")
     if out.exists() and not args.force:
         return error(PROG, f"{out} already exists; pass --force to overwrite")
-    from converters.convert import convert_checkpoint, save_state_dict
-    from converters.sources import CheckpointError
 
     try:
         res = convert_checkpoint(ckpt, variant, ema=not args.no_ema, progress=progress)

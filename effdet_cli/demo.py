@@ -17,6 +17,11 @@ import time
 from pathlib import Path
 
 import golden
+from effdet_cli.convert import main as convert_main
+from effdet_cli.parity import main as parity_main
+from effdet_torch.model import create_model
+from fixtures.synth_ckpt import write_synth_checkpoint
+from parity.golden import format_results, run_golden, write_json
 
 from .common import add_output, parse_args
 
@@ -40,10 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from effdet_cli.convert import main as convert_main
-    from effdet_torch.model import create_model
-    from fixtures.synth_ckpt import write_synth_checkpoint
-    from parity.golden import format_results, run_golden, write_json
 
     torch.set_grad_enabled(False)
     _step("1/5 official-format d0 checkpoint from golden/ (weights rule edet-synth-v2, seed 1234)")
@@ -88,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from PIL import Image
 
-    from effdet_cli.parity import main as parity_main
 
     golden_chelsea = GOLDEN / "efficientdet-d0" / "tensors_chelsea.npz"
     image = out / "chelsea.png"  # scikit-image's bundled sample, as recorded in the golden

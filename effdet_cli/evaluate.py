@@ -20,7 +20,19 @@ import os
 import time
 from typing import Sequence
 
+from effdet_torch.config import get_config, resolve_variant_name
 from effdet_torch.files import write_json
+from effdet_torch.model import create_model
+from evaluation.coco import (
+    COCO_METRIC_NAMES,
+    CocoEvalImages,
+    category_mapping,
+    coco_results,
+    evaluate_coco,
+    format_metrics,
+    load_annotations,
+)
+from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
 
 from .common import EXIT_FAILED, EXIT_USAGE, add_device, add_output, add_variant, add_weights, error, parse_args
 
@@ -58,8 +70,6 @@ VAL2017_NUM_IMAGES = 5000
 
 def check_official(variant: str, ap: float, tolerance: float = OFFICIAL_AP_TOLERANCE) -> tuple[bool, str]:
     """``ap`` (a fraction, as pycocotools' ``stats[0]``) vs the official val2017 AP of ``variant``."""
-    from effdet_torch.config import resolve_variant_name
-
     name = resolve_variant_name(variant)
     ref = OFFICIAL_VAL_AP[name]
     ours = 100.0 * float(ap)
@@ -106,18 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args
     import torch
 
-    from effdet_torch.config import get_config, resolve_variant_name
-    from effdet_torch.model import create_model
-    from evaluation.coco import (
-        COCO_METRIC_NAMES,
-        CocoEvalImages,
-        category_mapping,
-        coco_results,
-        evaluate_coco,
-        format_metrics,
-        load_annotations,
-    )
-    from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
 
     def fail(msg: str, code: int = EXIT_FAILED) -> int:
         return error(PROG, msg, code)

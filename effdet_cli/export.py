@@ -7,6 +7,15 @@ import sys
 import time
 from pathlib import Path
 
+from converters.sources import CheckpointError
+from converters.writers import official_hparams, write_keras_h5, write_tf1_checkpoint
+from effdet_torch.checkpoint import num_classes_of
+from effdet_torch.config import VARIANTS, parse_image_size, resolve_variant_name
+from effdet_torch.files import atomic_write
+from effdet_torch.model import create_model, load_checkpoint
+from export.network import export_program
+from export.onnx_export import OPSET, export_onnx
+
 from .common import add_device, add_output, add_variant, add_weights, error, parse_args
 
 PROG = "effdet-export"
@@ -88,8 +97,6 @@ def _load_model(args: argparse.Namespace):
     """The model at its export size, or an error string."""
     import torch
 
-    from effdet_torch.config import parse_image_size
-    from effdet_torch.model import create_model
 
     hw = parse_image_size(args.image_size) if args.image_size else None
     model = create_model(args.variant, checkpoint=args.weights, image_size=hw)
@@ -122,10 +129,6 @@ CHECK_TOL = 1e-4
 
 
 def _onnx(args: argparse.Namespace) -> int:
-    from effdet_torch.files import atomic_write
-    from export.network import export_program
-    from export.onnx_export import OPSET, export_onnx
-
     try:
         import onnx  # noqa: F401  (checked for: the exporter writes with it)
         import onnxruntime as ort
@@ -158,8 +161,6 @@ def _onnx(args: argparse.Namespace) -> int:
 def _torch_export(args: argparse.Namespace) -> int:
     import torch
 
-    from effdet_torch.files import atomic_write
-    from export.network import export_program
 
     model, hw = _load_model(args)
     t0 = time.time()
@@ -179,11 +180,6 @@ def _torch_export(args: argparse.Namespace) -> int:
 
 
 def _official(args: argparse.Namespace) -> int:
-    from converters.writers import official_hparams, write_keras_h5, write_tf1_checkpoint
-    from effdet_torch.checkpoint import num_classes_of
-    from effdet_torch.config import VARIANTS, resolve_variant_name
-    from effdet_torch.model import load_checkpoint
-
     state = load_checkpoint(args.weights, args.variant)
     classes = num_classes_of(state, VARIANTS[resolve_variant_name(args.variant)].num_anchors, source=str(args.weights))
     if args.command == "tf1":
@@ -210,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
-    from converters.sources import CheckpointError
-    from effdet_torch.config import parse_image_size
 
     try:
         if getattr(args, "image_size", None):

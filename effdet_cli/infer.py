@@ -16,7 +16,13 @@ from typing import Callable
 
 import numpy as np
 
+from converters.sources import find_release_file
+from effdet_torch.coco_names import coco_class_name
+from effdet_torch.config import parse_image_size
+from effdet_torch.detector import Detector
 from effdet_torch.files import atomic_write, write_json
+from effdet_torch.model import create_model
+from parity.visualize import load_font
 
 from .common import add_device, add_output, add_variant, add_weights, error, parse_args
 
@@ -200,7 +206,6 @@ def draw_detections(image: np.ndarray, rows: list[dict]) -> np.ndarray:
     draw = ImageDraw.Draw(im)
     h, w = image.shape[:2]
     line = max(1, round(min(h, w) / 250))
-    from parity.visualize import load_font
 
     font = load_font(max(10, round(min(h, w) / 40)))
     for r in reversed(rows):  # the best on top
@@ -237,13 +242,9 @@ def write_image(path: Path, image: np.ndarray) -> None:
 
 class Runner:
     """The detector with its device/dtype, and the JSON description of the model."""
-
     def __init__(self, args: argparse.Namespace, weights: Path, device) -> None:
         import torch
 
-        from effdet_torch.coco_names import coco_class_name
-        from effdet_torch.detector import Detector
-        from effdet_torch.model import create_model
 
         self.torch = torch
         model = create_model(args.variant, checkpoint=weights, image_size=args.image_size)
@@ -273,7 +274,6 @@ def _find_weights(variant: str) -> Path | None:
     for name in (f"{variant}.pth", f"{variant}.safetensors"):
         if Path(name).is_file():
             return Path(name)
-    from converters.sources import find_release_file
 
     return find_release_file(variant, Path.cwd())
 
@@ -424,7 +424,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
-    from effdet_torch.config import parse_image_size
 
     try:
         if args.image_size is not None:

@@ -17,8 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-from fixtures.synth_ckpt import DEFAULT_SEED, RULE_VERSION
+from converters.sources import CheckpointError
+from effdet_torch.config import parse_image_size
+from effdet_torch.model import create_model
+from fixtures.synth_ckpt import DEFAULT_SEED, RULE_VERSION, write_synth_checkpoint
 from golden import GOLDEN_ENV
+from parity import commands
+from parity.golden import format_results, run_golden, write_json
+from training import golden as train_golden
 
 from .common import EXIT_USAGE, add_device, add_output, add_variant, add_weights, error, parse_args
 
@@ -42,10 +48,6 @@ all pass. The rules (parity/rules.py) say why each bound has its size:
 def _golden(args: argparse.Namespace) -> int:
     import torch
 
-    from converters.sources import CheckpointError
-    from effdet_torch.config import parse_image_size
-    from effdet_torch.model import create_model
-    from parity.golden import format_results, run_golden, write_json
 
     if not Path(args.golden).is_file():
         return error("effdet-parity golden", f"{args.golden}: no such file")
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save-official", action="store_true",
                    help="keep the official run as a golden in OUT/official/ (tensors.npz, tensors_detailed.npz, "
                         "meta.json) to compare again later without TensorFlow")
-    c.set_defaults(func=_lazy("cmd_compare"))
+    c.set_defaults(func=commands.cmd_compare)
     r = sub.add_parser("record", help="record a golden .npz + meta.json from the live official model",
                        epilog=RECORD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(r, "required")
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_output(r, required=True, help="output folder (tensors.npz, meta.json)")
     r.add_argument("--detailed", action="store_true", help="also write tensors_detailed.npz (every block/node/repeat)")
     r.add_argument("--no-check", action="store_true", help="do not check our model against the recording")
-    r.set_defaults(func=_lazy("cmd_record"))
+    r.set_defaults(func=commands.cmd_record)
     v = sub.add_parser("visualize", help="official detections and ours side by side (PNG)",
                        epilog=VISUALIZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("image", help="the image")
@@ -169,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_output(v, help="output PNG (default <case>_<variant>_parity.png)")
     v.add_argument("--top", type=int, default=20, help="draw the N highest-scoring detections of each side")
     v.add_argument("--min-score", type=float, default=0.0, help="draw only detections with at least this score")
-    v.set_defaults(func=_lazy("cmd_visualize"))
+    v.set_defaults(func=commands.cmd_visualize)
     s = sub.add_parser("synth-ckpt", help="write an official-format checkpoint by the golden weights rule",
                        description=SYNTH_DESCRIPTION, epilog=SYNTH_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -239,8 +241,6 @@ train_step.npz and augment.npz. Exit 0 only if every key passes; 1 on a failed k
 
 
 def _synth_ckpt(args: argparse.Namespace) -> int:
-    from fixtures.synth_ckpt import write_synth_checkpoint
-
     prog = "effdet-parity synth-ckpt"
     what = args.manifest or args.variant or args.variant_positional
     if what is None:
@@ -265,39 +265,25 @@ def _synth_ckpt(args: argparse.Namespace) -> int:
 
 
 def _train_golden(args: argparse.Namespace) -> int:
-    from converters.sources import CheckpointError
-    from effdet_torch.config import parse_image_size
-    from effdet_torch.model import create_model
-    from training.golden import format_results, load_recording, run_train_golden, write_json
-
     prog = "effdet-parity train-golden"
     t0 = time.time()
     try:
-        meta, _, _ = load_recording(args.golden)
+        meta, _, _ = train_golden.load_recording(args.golden)
         hw = parse_image_size(args.image_size) if args.image_size else tuple(meta["image_hw"])
         if args.json and args.json.exists() and not args.force:
             return error(prog, f"{args.json}: exists (pass --force to overwrite)")
         model = create_model(args.variant, checkpoint=args.weights, image_size=hw)
         if meta.get("variant") and meta["variant"] != model.config.name:
             return error(prog, f"{args.golden}: recorded for {meta['variant']}, not {model.config.name}")
-        results = run_train_golden(model, args.golden)
+        results = train_golden.run_train_golden(model, args.golden)
     except (OSError, ValueError, KeyError, CheckpointError) as e:
         return error(prog, str(e) if not isinstance(e, KeyError) else f"{args.golden}/meta.json: missing field {e}")
-    print(format_results(results, quiet=args.quiet))
+    print(train_golden.format_results(results, quiet=args.quiet))
     print(f"{model.config.name} on {args.golden} in {time.time() - t0:.1f} s")
     if args.json:
-        write_json(results, args.json, force=args.force)
+        train_golden.write_json(results, args.json, force=args.force)
         print(f"wrote {args.json}")
     return 0 if all(r.passed for r in results) else 1
-
-
-def _lazy(name: str):
-    def run(args: argparse.Namespace) -> int:
-        from parity import commands
-
-        return getattr(commands, name)(args)
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:

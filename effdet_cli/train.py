@@ -18,7 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.project import load_project
+from effdet_torch.config import resolve_variant_name
+from training.engine import Engine, TrainConfig
+from training.project import dataset_paths, load_project, pixel_scale
 
 from .common import EXIT_USAGE, VARIANT_HELP, add_device, add_output, add_weights, error, parse_args, variant_type
 
@@ -89,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _variant(args) -> str:
-    from effdet_torch.config import resolve_variant_name
-
     if args.variant:
         return args.variant
     c = 0 if args.compound_coef is None else args.compound_coef
@@ -101,9 +101,6 @@ def _variant(args) -> str:
 
 def build_config(args):
     """The engine's :class:`~training.engine.TrainConfig` from the flags and the project file."""
-    from training.engine import TrainConfig
-    from training.project import dataset_paths, pixel_scale
-
     name = _variant(args)
     proj = load_project(Path(args.projects_dir) / f"{args.project}.yml")
     scales = proj.get("anchors_scales")
@@ -134,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
                      EXIT_USAGE)
     last = None
     try:
-        from training.engine import Engine
 
         engine = Engine(build_config(args), warn=lambda m: print(f"{PROG}: warning: {m}", file=sys.stderr, flush=True))
         last = engine.last_path
