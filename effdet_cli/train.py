@@ -11,12 +11,21 @@ tensorboard is installed), ``debug/`` (``--debug``). Ctrl+C saves and exits 0.
 
     effdet-train -c 0 -p shape --data-path datasets/ --batch-size 8 --weights efficientdet-d0.pth
     effdet-train -c 0 -p shape --weights last          # resume exactly where it stopped
+    torchrun --nproc-per-node 4 -m effdet_cli.train -c 0 -p shape --batch-size 32 ...   # 4 GPUs
+
+Several GPUs (the project's num_gpus > 1): one process per GPU under torchrun; --batch-size is the
+global batch (a multiple of the process count), BN statistics are synchronised over all processes
+and every step equals the one-process step on the global batch (DistributedDataParallel).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
+
+import torch
 
 from effdet_torch.config import resolve_variant_name
 from training.engine import Engine, TrainConfig
@@ -109,6 +118,10 @@ def build_config(args):
     train_ann, train_img = dataset_paths(args.data_path, proj, "train_set")
     val = dataset_paths(args.data_path, proj, "val_set")
     out_dir = Path(args.output) / str(proj["project_name"])
+    try:
+        num_gpus = int(proj.get("num_gpus") or 1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{args.project}.yml: num_gpus {proj.get('num_gpus')!r} is not a number") from None
     return TrainConfig(
         variant=name, obj_list=[str(n) for n in proj["obj_list"]], train_annotations=str(train_ann),
         train_images=str(train_img), out_dir=str(out_dir),
@@ -119,7 +132,8 @@ def build_config(args):
         save_interval=args.save_interval, val_interval=args.val_interval, es_min_delta=args.es_min_delta,
         es_patience=args.es_patience, weights=args.weights, head_only=args.head_only, device=args.device,
         amp=args.amp, workers=args.workers, seed=args.seed, max_steps=args.max_steps, log_path=args.log_path,
-        log_interval=args.log_interval, debug=args.debug, force=args.force, deterministic=args.deterministic)
+        log_interval=args.log_interval, debug=args.debug, force=args.force, deterministic=args.deterministic,
+        extra={"num_gpus": num_gpus})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +145,17 @@ def main(argv: list[str] | None = None) -> int:
                      EXIT_USAGE)
     last = None
     try:
-
-        engine = Engine(build_config(args), warn=lambda m: print(f"{PROG}: warning: {m}", file=sys.stderr, flush=True))
+        cfg = build_config(args)
+        gpus, world = cfg.extra["num_gpus"], int(os.environ.get("WORLD_SIZE", 1))
+        if gpus > 1 and world == 1:
+            argv = sys.argv[1:] if argv is None else argv
+            return error(PROG, f"{args.project}.yml asks for num_gpus: {gpus}; one process per GPU runs under torchrun: "
+                               f"torchrun --nproc-per-node {gpus} -m effdet_cli.train {shlex.join(argv)} "
+                               f"(or set num_gpus: 1 to train in this one process)", EXIT_USAGE)
+        engine = Engine(cfg, warn=lambda m: print(f"{PROG}: warning: {m}", file=sys.stderr, flush=True))
+        if world > 1:
+            engine.info(f"{world} processes, global batch {cfg.batch_size} ({engine.local_batch} per process)"
+                        + (f"; the project says num_gpus: {gpus}" if gpus != world else ""))
         last = engine.last_path
         engine.fit()
         return 0
@@ -140,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         return error(PROG, str(e))
     except KeyboardInterrupt:
         return error(PROG, "interrupted again: stopped without saving" + (f"; last good checkpoint {last}" if last else ""))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

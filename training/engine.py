@@ -17,7 +17,11 @@ What one run does (defaults = the official recipe, see :mod:`training.step` / :m
 - logs: ``LOG/train_log.csv`` (a row per step and per evaluation), TensorBoard scalars under
   ``LOG/tensorboard/`` when ``torch.utils.tensorboard`` imports, a tqdm bar on a terminal (a plain
   line every ``log_interval`` steps otherwise), ``--debug`` pictures under ``LOG/debug/``;
-- Ctrl+C: the step in flight finishes, the state is saved, :meth:`fit` returns ``"interrupted"``.
+- Ctrl+C: the step in flight finishes, the state is saved, :meth:`fit` returns ``"interrupted"``;
+- under ``torchrun`` (``WORLD_SIZE > 1``): ``batch_size`` is the global batch, each process takes
+  its equal slice of every batch, the model runs as ``DistributedDataParallel`` with
+  :class:`~training.distributed.SyncBatchNorm2d` (one step = the one-process step on the global
+  batch, :mod:`training.distributed`); process 0 alone writes checkpoints and logs and evaluates.
 """
 from __future__ import annotations
 
@@ -43,10 +47,11 @@ from effdet_torch.checkpoint import torch_writer
 from effdet_torch.files import atomic_write, atomic_write_many
 from effdet_torch.model import EfficientDet, create_model
 from evaluation.coco import CocoEvalImages, evaluate_coco, read_image_rgb
-from evaluation.evaluate import run_eval
+from evaluation.evaluate import broadcast_from_rank0, gather_to_rank0, init_distributed, run_eval
 
 from .data import CocoTrainDataset, collate, load_train_annotations
 from .debug import draw_debug_picture
+from .distributed import any_rank, convert_sync_batchnorm
 from .loss import LossConfig
 from .optim import CosineSchedule, KerasSGD, ModelEma
 from .step import Trainer
@@ -124,7 +129,20 @@ class Engine:
             raise ValueError(f"optimizer {cfg.optim!r}: expected sgd or adamw")
         if cfg.batch_size < 1 or cfg.num_epochs < 1 or cfg.save_interval < 1 or cfg.val_interval < 0:
             raise ValueError("batch size, epochs and save interval must be >= 1, val interval >= 0")
-        self.device = torch.device(cfg.device)
+        self.dist = init_distributed(cfg.device)
+        self.is_main = self.dist.is_main
+        if self.dist.enabled and cfg.batch_size % self.dist.world_size:
+            raise ValueError(f"batch size {cfg.batch_size} is the global batch: it must be a multiple of the "
+                             f"{self.dist.world_size} processes")
+        self.local_batch = cfg.batch_size // self.dist.world_size
+        device = cfg.device
+        if self.dist.enabled and device == "cuda":  # one GPU per process
+            device = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        if not self.is_main:  # one voice: process 0 prints and writes
+            self.info = self.warn = lambda msg: None
         if cfg.amp and self.device.type != "cuda":
             raise ValueError("--amp needs a CUDA device (bfloat16 autocast); on CPU train in float32")
         if cfg.deterministic:
@@ -137,8 +155,9 @@ class Engine:
         self.csv_path = self.log_dir / "train_log.csv"
         resuming = cfg.weights == "last"
         self._check_run_dir(resuming)
-        for d in {self.out_dir, self.log_dir}:
-            _check_writable(d)
+        if self.is_main:
+            for d in {self.out_dir, self.log_dir}:
+                _check_writable(d)
 
         # data
         self.obj_list = list(cfg.obj_list)
@@ -185,12 +204,20 @@ class Engine:
                 self.warn(str(w.message))
         else:
             model = EfficientDet(self.model_cfg)
+        if self.dist.enabled:
+            convert_sync_batchnorm(model)
         # one memory format for every run (fresh, from weights, resumed), so resumed steps are bit-equal
         self.model = model.to(self.device).to(memory_format=torch.channels_last).train()
         if cfg.head_only:
             for mod in (self.model.backbone, self.model.fpn):
                 for p in mod.parameters():
                     p.requires_grad_(False)
+        module = self.model
+        if self.dist.enabled:  # parameters and buffers broadcast from process 0; SyncBN keeps the buffers equal
+            module = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+            torch.manual_seed(cfg.seed + self.dist.rank)  # drop-connect draws differ per slice
         params = [p for p in self.model.parameters() if p.requires_grad]
         b, spe = cfg.batch_size, self.steps_per_epoch
         if cfg.optim == "sgd":
@@ -203,7 +230,7 @@ class Engine:
             self.optimizer = torch.optim.AdamW(params, lr=self.schedule(0), weight_decay=ADAMW_WEIGHT_DECAY)
             loss_cfg = LossConfig(weight_decay=0.0)
         self.ema = ModelEma(self.model)
-        self.trainer = Trainer(self.model, self.optimizer, self.schedule, loss_cfg=loss_cfg, ema=self.ema)
+        self.trainer = Trainer(self.model, self.optimizer, self.schedule, loss_cfg=loss_cfg, ema=self.ema, module=module)
         if cfg.amp:  # the heads' outputs back to float32, so the loss is computed in float32
             self.model.register_forward_hook(
                 lambda m, i, o: ([c.float() for c in o[0]], [x.float() for x in o[1]]) if torch.is_autocast_enabled() else o)
@@ -220,8 +247,10 @@ class Engine:
         self._critical = False
         if ckpt is not None:
             self.resume(ckpt)
-        self._csv_start(truncate_after=self.step if ckpt is not None else None)
-        self._tb = _tensorboard(self.log_dir / "tensorboard")
+        self._tb = None
+        if self.is_main:
+            self._csv_start(truncate_after=self.step if ckpt is not None else None)
+            self._tb = _tensorboard(self.log_dir / "tensorboard")
 
     # ------------------------------------------------------------------ state
     @property
@@ -267,7 +296,7 @@ class Engine:
             "schedule": asdict(self.schedule), "step": self.step, "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch, "steps_per_epoch": self.steps_per_epoch,
             "best_ap": self.best_ap, "best_step": self.best_step, "evals_since_best": self.evals_since_best,
-            "rng": _rng_state(),
+            "rng": _rng_state(), "rng_by_rank": gather_to_rank0(_rng_state()) if self.dist.enabled else None,
         }
 
     def resume(self, ckpt: dict | str | os.PathLike) -> None:
@@ -285,13 +314,22 @@ class Engine:
             self.batch_in_epoch = min(self.batch_in_epoch, self.steps_per_epoch)
         self.best_ap, self.best_step = ckpt["best_ap"], int(ckpt["best_step"])
         self.evals_since_best = int(ckpt["evals_since_best"])
-        _set_rng_state(ckpt["rng"])
+        by_rank = ckpt.get("rng_by_rank")
+        if by_rank and len(by_rank) == self.dist.world_size:
+            _set_rng_state(by_rank[self.dist.rank])
+        else:
+            if self.dist.rank or by_rank:
+                self.warn(f"the run was saved by {len(by_rank or [0])} process(es), now {self.dist.world_size}: "
+                          f"random draws (drop-connect) do not continue as they would have")
+            _set_rng_state(ckpt["rng"])
         self.last_good = (self.last_path, self.step)
         self.info(f"resumed {self.last_path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     def save(self) -> Path:
         """``last.ckpt`` + the EMA ``.pth`` of this step, atomically together; returns the ``.pth``."""
-        state = self.state_dict()
+        state = self.state_dict()  # every process: it gathers their RNG states
+        if not self.is_main:
+            return self.out_dir / "last.ckpt"
         # named (as the seed does) after the epoch the last step ran in, 0-based
         ran_in = self.epoch - 1 if self.batch_in_epoch == 0 and self.step > 0 else self.epoch
         weights = self.out_dir / f"{self.cfg.variant}_{ran_in}_{self.step}.pth"
@@ -309,8 +347,8 @@ class Engine:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.train_set), generator=g).tolist()
-        b = self.cfg.batch_size
-        return [perm[i * b:(i + 1) * b] for i in range(self.steps_per_epoch)]
+        b, lb, r = self.cfg.batch_size, self.local_batch, self.dist.rank
+        return [perm[i * b + r * lb:i * b + (r + 1) * lb] for i in range(self.steps_per_epoch)]
 
     def fit(self) -> str:
         handler_installed = False
@@ -332,6 +370,11 @@ class Engine:
                 self._tb.flush()
 
     def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002
+        if self.dist.enabled and not self._stop_requested:
+            # every process stops at the same step (they agree after each one), so never mid-step
+            self._stop_requested = True
+            self.warn("interrupted: saving after the current step (press Ctrl+C again to stop without saving)")
+            return
         if self._stop_requested or not self._critical:
             self._hard_stop = self._stop_requested
             self._stop_requested = True
@@ -365,7 +408,7 @@ class Engine:
                 ips = images.shape[0] / max(now - t_last, 1e-9)
                 t_last = now
                 self._log_step(out.losses, ips, bar)
-                if self._stop_requested:
+                if self._stop_wanted():
                     raise KeyboardInterrupt
                 if self.step % cfg.save_interval == 0:
                     self.save()
@@ -375,18 +418,24 @@ class Engine:
                 self.batch_in_epoch = 0
                 stop = False
                 if cfg.val_interval and self.epoch % cfg.val_interval == 0:
-                    stop = self._validate()
-                    if cfg.debug:
-                        self._debug_pictures()
+                    if self.is_main:  # the others wait for its verdict
+                        stop = self._validate()
+                        if cfg.debug:
+                            self._debug_pictures()
+                    stop = broadcast_from_rank0(stop)
             finally:
                 self._critical = False
-            if self._stop_requested:
+            if self._stop_wanted():
                 raise KeyboardInterrupt
             if stop:
                 return self._finish("early-stopped", bar)
             if cfg.max_steps and self.step >= cfg.max_steps:
                 return self._finish("max-steps", bar)
         return self._finish("done", bar)
+
+    def _stop_wanted(self) -> bool:
+        """A Ctrl+C seen by this process (or, under torchrun, by any)."""
+        return any_rank(self._stop_requested, self.device)
 
     def _finish(self, reason: str, bar) -> str:
         if bar is not None:
@@ -493,10 +542,14 @@ class Engine:
         from tqdm import tqdm
 
         disable = (not self.cfg.progress) if self.cfg.progress is not None else not sys.stderr.isatty()
+        disable = disable or not self.is_main
         return tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.num_epochs}",
                     unit="step", dynamic_ncols=True, disable=disable, leave=False)
 
     def _log_step(self, losses: dict, ips: float, bar) -> None:
+        if not self.is_main:
+            return
+        ips *= self.dist.world_size  # images of the global batch
         row = {"step": self.step, "epoch": self.epoch, "loss": repr(losses["loss"]), "cls_loss": repr(losses["cls_loss"]),
                "box_loss": repr(losses["box_loss"]), "reg_l2_loss": repr(losses["reg_l2_loss"]),
                "lr": repr(losses["learning_rate"]), "gradient_norm": repr(losses["gradient_norm"]),

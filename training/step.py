@@ -3,6 +3,9 @@ training-mode forward (BN on batch statistics; moving averages with TF momentum 
 unbiased batch variance — exactly what ``torch.nn.BatchNorm2d`` does in ``train()`` mode with
 momentum 0.01), detection loss + L2, gradients of every trainable parameter, clipping (per tensor
 10, then global 10), the Keras-convention SGD update with the scheduled lr, and the optional EMA.
+
+Under ``torchrun`` (``module`` = the ``DistributedDataParallel`` wrapper of ``model``) the step is
+the one-process step on the global batch: see :mod:`training.distributed`.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from torch import Tensor
 
 from effdet_torch.model import EfficientDet
 
+from .distributed import all_reduce_sum, world_size
 from .loss import LossConfig, detection_loss, l2_parameters, reg_l2_loss
 from .optim import ModelEma, clip_gradients
 from .targets import AnchorTargets, flatten_head_outputs
@@ -33,12 +37,15 @@ class Trainer:
     """The official step on ``model``: ``Trainer(model, optimizer, schedule).step(images, targets)``.
 
     ``params`` = the trainable parameters (``requires_grad``); the L2 term covers those of them whose
-    official name ends in ``kernel`` (:func:`training.loss.l2_parameters`).
+    official name ends in ``kernel`` (:func:`training.loss.l2_parameters`). ``module`` is what the
+    forward calls (default ``model``; under torchrun its ``DistributedDataParallel`` wrapper).
     """
 
     def __init__(self, model: EfficientDet, optimizer: torch.optim.Optimizer, schedule, loss_cfg: LossConfig = LossConfig(),
-                 clip_norm: float = 10.0, ema: ModelEma | None = None, start_step: int = 0) -> None:
+                 clip_norm: float = 10.0, ema: ModelEma | None = None, start_step: int = 0,
+                 module: torch.nn.Module | None = None) -> None:
         self.model = model
+        self.module = model if module is None else module
         self.optimizer = optimizer
         self.schedule = schedule
         self.loss_cfg = loss_cfg
@@ -50,12 +57,14 @@ class Trainer:
 
     @torch.enable_grad()  # a training step never depends on the caller's grad mode
     def forward_loss(self, images: Tensor, targets: AnchorTargets) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor]]:
-        """Training-mode forward and every loss term (tensors with grad)."""
-        self.model.train()
-        cls_out, box_out = self.model(images)
+        """Training-mode forward and every loss term (tensors with grad; under torchrun the detection
+        terms are this process's share, normalised by the positives of the global batch)."""
+        self.module.train()
+        cls_out, box_out = self.module(images)
         n_cls = self.model.config.num_classes
+        positives = targets.num_positives if world_size() == 1 else all_reduce_sum(targets.num_positives.sum().reshape(1))
         losses = detection_loss(flatten_head_outputs(cls_out, n_cls), flatten_head_outputs(box_out, 4),
-                                targets.cls, targets.box.to(images.dtype), targets.num_positives, self.loss_cfg)
+                                targets.cls, targets.box.to(images.dtype), positives, self.loss_cfg)
         losses["reg_l2_loss"] = reg_l2_loss(self.l2_params, self.loss_cfg.weight_decay)
         losses["loss"] = losses["det_loss"] + losses["reg_l2_loss"]
         return losses, cls_out, box_out
@@ -64,10 +73,21 @@ class Trainer:
     def step(self, images: Tensor, targets: AnchorTargets) -> StepOutput:
         """Forward, clipped gradients, one optimizer update (and EMA update); returns what was used."""
         losses, cls_out, box_out = self.forward_loss(images, targets)
-        if not torch.isfinite(losses["loss"]):
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+        world = world_size()
+        names = ("cls_loss", "box_loss", "det_loss")
+        parts = all_reduce_sum(torch.stack([losses[k].detach() for k in names]))  # the global batch's terms
+        report = dict(zip(names, parts))
+        report["reg_l2_loss"] = losses["reg_l2_loss"].detach()
+        report["loss"] = report["det_loss"] + report["reg_l2_loss"]
+        if not all(torch.isfinite(v) for v in report.values()):  # the same verdict on every process
+            bad = [k for k, v in report.items() if not torch.isfinite(v)]
             raise FloatingPointError(f"non-finite loss at step {self.step_count}: {', '.join(bad)}")
-        grads = torch.autograd.grad(losses["loss"], self.params)
+        for p in self.params:
+            p.grad = None
+        # DDP averages over processes: world · (this share) + L2 averages to the global loss's gradient
+        objective = losses["loss"] if world == 1 else losses["det_loss"] * world + losses["reg_l2_loss"]
+        objective.backward()
+        grads = [p.grad for p in self.params]
         clipped, raw, norm = clip_gradients(list(grads), self.clip_norm)
         lr = self.schedule(self.step_count)
         for group in self.optimizer.param_groups:
@@ -80,7 +100,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, self.step_count)
         self.step_count += 1
-        out = {k: float(v.detach()) for k, v in losses.items()}
+        out = {k: float(v) for k, v in report.items()}
         out["gradient_norm"] = float(norm)
         out["learning_rate"] = lr
         return StepOutput(out, float(raw), clipped, [c.detach() for c in cls_out], [b.detach() for b in box_out])
