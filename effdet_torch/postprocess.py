@@ -20,6 +20,7 @@ from torch import Tensor
 from .anchors import decode_boxes
 from .config import EfficientDetConfig
 from .nms import non_max_suppression_v5
+from .nms_cpu import nms_v5_groups
 from .soft_nms import batched_nms_v5
 
 __all__ = ["Detections", "flatten_outputs", "nms_groups", "nms_groups_reference", "per_class_candidates",
@@ -79,8 +80,14 @@ def nms_groups(cfg: EfficientDetConfig, boxes: Tensor, scores: Tensor, groups: T
     """The official NMSV5 of every group (image, or image × class) at once, on ``boxes``' device:
     ``indices [G, K]`` (positions, ``-1`` past the end), ``scores [G, K]``, ``counts [G]``.
 
-    Bit-identical to :func:`nms_groups_reference`; a negative score threshold (scores of any sign)
-    is served by it."""
+    Bit-identical to :func:`nms_groups_reference`. CPU: the compiled scalar kernel
+    (:mod:`effdet_torch.nms_cpu`); CUDA: the vectorised torch version (:mod:`effdet_torch.soft_nms`),
+    or the reference for a negative score threshold (scores of any sign)."""
+    if boxes.device.type == "cpu":
+        idx, sc, cnt = nms_v5_groups(boxes.detach().float().numpy(), scores.detach().float().numpy(),
+                                     groups.numpy(), num_groups, cfg.max_detections, cfg.nms_iou_threshold,
+                                     cfg.nms_score_threshold, cfg.nms_sigma / 2)
+        return torch.from_numpy(idx), torch.from_numpy(sc), torch.from_numpy(cnt)
     if cfg.nms_score_threshold < 0:
         return nms_groups_reference(cfg, boxes, scores, groups, num_groups)
     return batched_nms_v5(boxes, scores, groups, num_groups, cfg.max_detections, cfg.nms_iou_threshold,

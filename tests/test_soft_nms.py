@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from effdet_torch import nms as nms_mod  # noqa: E402
+from effdet_torch.nms_cpu import expf_compiled, nms_v5_groups  # noqa: E402
 from effdet_torch.soft_nms import batched_nms_v5, expf_exact  # noqa: E402
 
 from .helpers import clustered_boxes  # noqa: E402
@@ -43,11 +44,16 @@ def _problems(seed: int, n_groups: int, tied: bool, nonfinite: bool = False):
             for n in rng.integers(0, 160, n_groups)]
 
 
-def _run_batched(problems, max_out, iou, thr, sigma, device="cpu", window=256):
+def _run_batched(problems, max_out, iou, thr, sigma, device="cpu", window=256, impl="torch"):
+    """``impl``: "torch" (the vectorised version, CUDA's) or "compiled" (the CPU kernel)."""
     boxes = torch.from_numpy(np.concatenate([b for b, _ in problems])).to(device)
     scores = torch.from_numpy(np.concatenate([s for _, s in problems])).to(device)
     groups = torch.cat([torch.full((len(s),), g, dtype=torch.int64) for g, (_, s) in enumerate(problems)]).to(device)
-    idx, sc, cnt = batched_nms_v5(boxes, scores, groups, len(problems), max_out, iou, thr, sigma, window=window)
+    if impl == "compiled":
+        idx, sc, cnt = (torch.from_numpy(a) for a in nms_v5_groups(boxes.numpy(), scores.numpy(), groups.numpy(),
+                                                                   len(problems), max_out, iou, thr, sigma))
+    else:
+        idx, sc, cnt = batched_nms_v5(boxes, scores, groups, len(problems), max_out, iou, thr, sigma, window=window)
     starts = np.cumsum([0] + [len(s) for _, s in problems])
     out = []
     for g in range(len(problems)):
@@ -78,10 +84,21 @@ def test_batched_equals_reference(seed, n_groups, max_out, iou, thr, sigma, tied
     _assert_same(got, want, f"max={max_out} iou={iou} thr={thr} sigma={sigma} window={window}")
 
 
+@_settings(50)
+@given(nonfinite=st.booleans(), seed=CFG["seed"], n_groups=CFG["n_groups"], max_out=CFG["max_out"], iou=CFG["iou"],
+       thr=st.sampled_from([float("-inf"), -0.5, 0.0, 0.001, 0.1]), sigma=CFG["sigma"], tied=CFG["tied"])
+def test_compiled_equals_reference(seed, n_groups, max_out, iou, thr, sigma, tied, nonfinite):
+    """The CPU kernel against the scalar reference, incl. negative thresholds and inf/NaN boxes."""
+    problems = _problems(seed, n_groups, tied, nonfinite)
+    want = [nms_mod.non_max_suppression_v5(b, s, max_out, iou, thr, sigma) for b, s in problems]
+    got = _run_batched(problems, max_out, iou, thr, sigma, impl="compiled")
+    _assert_same(got, want, f"max={max_out} iou={iou} thr={thr} sigma={sigma}")
+
+
 @pytest.mark.tf
 @_settings(40)
-@given(**CFG)
-def test_batched_equals_tensorflow_nmsv5(seed, n_groups, max_out, iou, thr, sigma, tied):
+@given(impl=st.sampled_from(["torch", "compiled"]), **CFG)
+def test_batched_equals_tensorflow_nmsv5(seed, n_groups, max_out, iou, thr, sigma, tied, impl):
     """Oracle: TensorFlow's NonMaxSuppressionV5 on each group (indices identical, scores bit-exact)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     tf = pytest.importorskip("tensorflow", reason="TensorFlow is the oracle", exc_type=ImportError)
@@ -95,8 +112,8 @@ def test_batched_equals_tensorflow_nmsv5(seed, n_groups, max_out, iou, thr, sigm
             pad_to_max_output_size=False)
         v = int(valid.numpy())
         want.append((idx.numpy()[:v].astype(np.int64), sc.numpy()[:v]))
-    got = _run_batched(problems, max_out, iou, thr, sigma)
-    _assert_same(got, want, f"max={max_out} iou={iou} thr={thr} sigma={sigma}")
+    got = _run_batched(problems, max_out, iou, thr, sigma, impl=impl)
+    _assert_same(got, want, f"{impl}: max={max_out} iou={iou} thr={thr} sigma={sigma}")
 
 
 def test_real_image_candidates_equal_reference():
@@ -108,6 +125,7 @@ def test_real_image_candidates_equal_reference():
     want = nms_mod.non_max_suppression_v5(b, s, 100, 0.5, 0.001, 0.25)
     got = _run_batched([(b, s)], 100, 0.5, 0.001, 0.25, window=64)
     _assert_same(got, [want], "chelsea")
+    _assert_same(_run_batched([(b, s)], 100, 0.5, 0.001, 0.25, impl="compiled"), [want], "chelsea, compiled")
     assert len(want[0]) == 100
 
 
@@ -125,6 +143,10 @@ def test_expf_exact_is_the_c_library_expf():
     if sys.platform.startswith("linux"):  # glibc: some inputs need the fallback (measured: ~6e-5 of them)
         assert (want[:-1] != rounded64[:-1]).sum() > 0
     got = expf_exact(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(x)], want.view(np.uint32)[~np.isnan(x)])
+    assert np.isnan(got[-1])
+    # the compiled kernel's float32 exp is the C library's too (numba calls libm's expf)
+    got = expf_compiled(x)
     np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(x)], want.view(np.uint32)[~np.isnan(x)])
     assert np.isnan(got[-1])
 

@@ -1,0 +1,178 @@
+"""``NonMaxSuppressionV5`` compiled for the CPU (numba): the scalar algorithm of the reference
+:func:`effdet_torch.nms.non_max_suppression_v5`, for many groups (images, or image × class) in one call.
+
+Same contract as the TF kernel and the reference, statement for statement: candidates ``score >
+score_threshold`` in a max-heap keyed ``(score, -index)``; a popped candidate is compared with the
+boxes selected since its last visit, newest first; soft mode multiplies its float32 score by
+``expf((scale · iou) · iou)`` for each and stops once it is ``<= score_threshold``; hard mode drops
+it when an IoU exceeds ``iou_threshold``; an unchanged score selects it, a lowered one re-queues it.
+IoU is float32 with the reference's operations in the reference's order.
+
+The decay must be the C library's ``expf`` bit for bit (one ulp decides ties): numba lowers a float32
+``np.exp`` to a call of the process's libm ``expf`` — the function the reference calls through ctypes
+and TF's kernel calls as ``std::exp(float)``; ``tests/test_soft_nms.py`` checks it on every input
+where ``expf`` is not the correctly rounded result, and the kernel against the reference.
+
+Why compiled: the loop is sequential and scalar (a heap, early exits); in torch it costs ~40 small
+ops per selected box, in numba microseconds. The vectorised torch version
+(:mod:`effdet_torch.soft_nms`) stays for CUDA, where the boxes should not leave the device.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["expf_compiled", "nms_v5_groups"]
+
+_F0 = np.float32(0.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def expf_compiled(x: np.ndarray) -> np.ndarray:
+    """float32 ``np.exp`` element by element as the kernel computes its decay (for the tests)."""
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = np.exp(x[i])
+    return out
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _geometry(b: np.ndarray) -> np.ndarray:
+    """``[M, 4]`` → ``[M, 5]`` (ymin, xmin, ymax, xmax, area), float32, as the reference's IoU."""
+    m = b.shape[0]
+    out = np.empty((m, 5), np.float32)
+    for i in range(m):
+        y1 = np.minimum(b[i, 0], b[i, 2])
+        x1 = np.minimum(b[i, 1], b[i, 3])
+        y2 = np.maximum(b[i, 0], b[i, 2])
+        x2 = np.maximum(b[i, 1], b[i, 3])
+        out[i, 0] = y1
+        out[i, 1] = x1
+        out[i, 2] = y2
+        out[i, 3] = x2
+        out[i, 4] = (y2 - y1) * (x2 - x1)
+    return out
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _iou(a: np.ndarray, b: np.ndarray) -> np.float32:
+    """IoU of geometry rows ``a`` (the candidate) and ``b`` (a selected box), float32."""
+    ih = np.maximum(np.minimum(a[2], b[2]) - np.maximum(a[0], b[0]), _F0)
+    iw = np.maximum(np.minimum(a[3], b[3]) - np.maximum(a[1], b[1]), _F0)
+    inter = ih * iw
+    iou = inter / (a[4] + b[4] - inter)
+    if a[4] <= _F0 or b[4] <= _F0:
+        return _F0
+    return iou
+
+
+@numba.njit(inline="always")
+def _before(s1: np.float32, p1: np.int64, s2: np.float32, p2: np.int64) -> bool:
+    """Heap order: higher score first, then the lower index."""
+    return s1 > s2 or (s1 == s2 and p1 < p2)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _kernel(geom, scores, order, gstart, gend, k, iou_thr, thr, scale, soft, out_idx, out_scores, counts):
+    sel = np.empty((max(k, 1), 5), np.float32)
+    for g in range(gstart.shape[0]):
+        s, e = gstart[g], gend[g]
+        n = 0
+        cpos = np.empty(e - s, np.int64)
+        cneg = np.empty(e - s, np.float32)
+        for j in range(s, e):  # positions ascending within the group: the NMSV5 index order
+            p = order[j]
+            if scores[p] > thr:
+                cpos[n] = p
+                cneg[n] = -scores[p]
+                n += 1
+        # a list sorted best first is a valid heap; mergesort is stable, so ties keep the lower index first
+        srt = np.argsort(cneg[:n], kind="mergesort")
+        hs = np.empty(n, np.float32)
+        hp = np.empty(n, np.int64)
+        hb = np.zeros(n, np.int64)
+        for j in range(n):
+            hs[j] = -cneg[srt[j]]
+            hp[j] = cpos[srt[j]]
+        size = n
+        nsel = 0
+        while nsel < k and size > 0:
+            original, p, begin = hs[0], hp[0], hb[0]
+            size -= 1  # pop: the last entry sifts down from the root
+            if size > 0:
+                ls, lp, lb = hs[size], hp[size], hb[size]
+                i = 0
+                while True:
+                    c = 2 * i + 1
+                    if c >= size:
+                        break
+                    if c + 1 < size and _before(hs[c + 1], hp[c + 1], hs[c], hp[c]):
+                        c += 1
+                    if not _before(hs[c], hp[c], ls, lp):
+                        break
+                    hs[i], hp[i], hb[i] = hs[c], hp[c], hb[c]
+                    i = c
+                hs[i], hp[i], hb[i] = ls, lp, lb
+            score = original
+            if nsel > begin:
+                if soft:
+                    for j in range(nsel - 1, begin - 1, -1):  # newest selection first
+                        iou = _iou(geom[p], sel[j])
+                        score = score * np.exp((scale * iou) * iou)
+                        if score <= thr:
+                            break
+                else:
+                    hit = False
+                    for j in range(nsel - 1, begin - 1, -1):
+                        if _iou(geom[p], sel[j]) > iou_thr:
+                            hit = True
+                            break
+                    if hit:
+                        continue
+            if score == original:
+                sel[nsel] = geom[p]
+                out_idx[g, nsel] = p
+                out_scores[g, nsel] = score
+                nsel += 1
+            elif score > thr:  # push: sift up from the end
+                i = size
+                size += 1
+                while i > 0:
+                    par = (i - 1) // 2
+                    if not _before(score, p, hs[par], hp[par]):
+                        break
+                    hs[i], hp[i], hb[i] = hs[par], hp[par], hb[par]
+                    i = par
+                hs[i], hp[i], hb[i] = score, p, nsel
+        counts[g] = nsel
+
+
+def nms_v5_groups(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, num_groups: int, max_output_size: int,
+                  iou_threshold: float = 0.5, score_threshold: float = float("-inf"),
+                  soft_nms_sigma: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NMSV5 of every group. ``boxes [M, 4]``, ``scores [M]`` float32, ``groups [M]`` int in
+    ``[0, num_groups)`` (within a group the lower position is the lower NMSV5 index).
+
+    Returns ``indices [G, K]`` (positions in ``M``, ``-1`` past the end), ``scores [G, K]`` (decayed,
+    0 past the end) and ``counts [G]`` — :func:`effdet_torch.soft_nms.batched_nms_v5`'s contract,
+    for any score threshold.
+    """
+    if not 0 <= iou_threshold <= 1:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    boxes = np.ascontiguousarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.ascontiguousarray(scores, np.float32).reshape(-1)
+    groups = np.ascontiguousarray(groups, np.int64).reshape(-1)
+    k, g = max(int(max_output_size), 0), int(num_groups)
+    out_idx = np.full((g, k), -1, np.int64)
+    out_scores = np.zeros((g, k), np.float32)
+    counts = np.zeros((g,), np.int64)
+    if k == 0 or g == 0 or scores.size == 0:
+        return out_idx, out_scores, counts
+    order = np.argsort(groups, kind="stable")
+    sizes = np.bincount(groups, minlength=g)[:g]
+    gend = np.cumsum(sizes)
+    soft = soft_nms_sigma > 0.0
+    scale = np.float32(-0.5) / np.float32(soft_nms_sigma) if soft else np.float32(0)
+    _kernel(_geometry(boxes), scores, order, gend - sizes, gend, k, np.float32(iou_threshold),
+            np.float32(score_threshold), scale, soft, out_idx, out_scores, counts)
+    return out_idx, out_scores, counts
