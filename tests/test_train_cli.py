@@ -92,3 +92,40 @@ def test_unknown_category_is_one_line_error(seed_layout, tmp_path, capsys):
     assert main(_args(bad, "--max-steps", "1")) == 1
     err = capsys.readouterr().err
     assert err.startswith("effdet-train: error:") and "not in obj_list" in err and err.count("\n") == 1
+
+
+def test_finetune_official_checkpoint_resume_infer_eval(tmp_path, synth_ckpt_dir, capsys):
+    """The issue's path: an official-format TF1 checkpoint (the regenerated d0 release) fine-tuned on a
+    generated project in the seed's layout, resumed with ``last``; the weights load in effdet-infer
+    and effdet-eval."""
+    from effdet_cli.evaluate import main as eval_main
+    from effdet_cli.infer import main as infer_main
+    from effdet_torch.model import create_model
+    from fixtures.shapes import make_shapes_project
+
+    root = make_shapes_project(tmp_path, num_train=4, num_val=2, size=64, seed=5)
+    ckpt = synth_ckpt_dir("efficientdet-d0")
+    args = ["-c", "0", "-p", "shapes", "--projects-dir", str(root / "projects"), "--data-path", str(root / "datasets"),
+            "--image-size", "64", "--batch-size", "2", "--workers", "0", "-o", str(tmp_path / "logs")]
+    assert main(args + ["--weights", str(ckpt), "--max-steps", "2"]) == 0
+    out = capsys.readouterr()
+    assert "class predictor" in out.err and "val AP" in out.out  # 90 COCO classes -> 4 shapes, said once
+    assert main(args + ["--weights", "last", "--max-steps", "3"]) == 0
+    run = tmp_path / "logs" / "shapes"
+    state = torch.load(run / "last.ckpt", weights_only=True)
+    assert state["step"] == 3
+    # started from the checkpoint's weights, not from a fresh initialisation: 3 warm-up steps move them little
+    official = create_model("d0", checkpoint=ckpt, image_size=64).state_dict()["backbone.conv_stem.weight"]
+    moved = (state["model"]["backbone.conv_stem.weight"] - official).abs().max() / official.abs().max()
+    assert moved < 1e-2, moved
+
+    pth = run / "efficientdet-d0_1_3.pth"
+    assert infer_main([str(root / "datasets" / "shapes" / "val"), "--variant", "d0", "--weights", str(pth),
+                       "--image-size", "64", "--device", "cpu", "-o", str(tmp_path / "infer"), "-q"]) == 0
+    assert len(list((tmp_path / "infer").glob("*.detections.json"))) == 2
+    data = root / "datasets" / "shapes"
+    metrics = tmp_path / "m.json"
+    assert eval_main(["--variant", "d0", "--weights", str(pth), "--image-size", "64", "--images", str(data / "val"),
+                      "--annotations", str(data / "annotations" / "instances_val.json"), "--workers", "0",
+                      "--no-progress", "--out", str(tmp_path / "dets.json"), "--metrics-out", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["images"] == 2
