@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from effdet_torch import Detector, create_model
+from effdet_torch.model import compile_network, run_network
 from effdet_torch.config import resolve_variant_name
 from effdet_torch.files import write_json
 
@@ -37,6 +38,7 @@ from .common import (
     EXIT_FAILED,
     EXIT_USAGE,
     VARIANT_HELP,
+    add_compile,
     add_device,
     add_output,
     add_variant,
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per row first")
     add_device(p)
+    add_compile(p)
     add_weights(p, required=False, help="checkpoint for our model (.pth/.h5/TF dir); default random weights")
     p.add_argument("--no-effdet", action="store_true", help="skip the effdet package's rows")
     add_output(p, help="write the rows and the machine as JSON here")
@@ -116,7 +119,8 @@ def _effdet_bench(variant: str, hw: tuple[int, int], device):
 
 
 def run_bench(variants: Sequence[str], batches: Sequence[int], image_size=None, repeats: int = 5, warmup: int = 1,
-              device: str = "cpu", weights: str | None = None, with_effdet: bool = True) -> list[dict]:
+              device: str = "cpu", weights: str | None = None, with_effdet: bool = True,
+              compile: bool = False) -> list[dict]:
     """One dict per (implementation, variant, size, batch); see the module docstring."""
     import numpy as np
     import torch
@@ -129,6 +133,8 @@ def run_bench(variants: Sequence[str], batches: Sequence[int], image_size=None, 
     for v in variants:
         name = resolve_variant_name(v)
         model = create_model(name, checkpoint=weights, image_size=image_size).eval().to(dev)
+        if compile:
+            compile_network(model)
         det = Detector(model)
         hw = tuple(det.image_size)
         base = _effdet_bench(name, hw, dev) if with_effdet else None
@@ -136,7 +142,7 @@ def run_bench(variants: Sequence[str], batches: Sequence[int], image_size=None, 
             images = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(b)]  # a VGA photo's size
             x, _ = det.preprocess(images)
             calls: dict[tuple[str, str], Callable[[], object]] = {
-                ("ours", "network"): lambda: model(x),
+                ("ours", "network"): lambda: run_network(model, x),
                 ("ours", "end-to-end"): lambda: det(images),
             }
             if base is not None:
@@ -165,7 +171,8 @@ def run_bench(variants: Sequence[str], batches: Sequence[int], image_size=None, 
                 mem, mem_kind = _peak_memory(calls[(impl, "end-to-end")], dev)
                 net_ms = statistics.median(times[(impl, "network")])
                 e2e_ms = statistics.median(times[(impl, "end-to-end")])
-                rows.append({"impl": impl, "variant": name, "image_size": list(hw), "batch": b,
+                label = "ours+compile" if impl == "ours" and compile else impl
+                rows.append({"impl": label, "variant": name, "image_size": list(hw), "batch": b,
                              "network_ms": net_ms, "end_to_end_ms": e2e_ms, "images_per_s": b * 1000 / e2e_ms,
                              "network_images_per_s": b * 1000 / net_ms, "peak_memory_mib": mem,
                              "memory": mem_kind, "repeats": repeats})
@@ -194,7 +201,7 @@ def machine() -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'impl':<7} {'variant':<19} {'size':>9} {'batch':>5} {'network ms':>11} {'end-to-end ms':>14} "
+    head = (f"{'impl':<12} {'variant':<19} {'size':>9} {'batch':>5} {'network ms':>11} {'end-to-end ms':>14} "
             f"{'img/s':>8} {'peak MiB':>9} {'net ratio':>9} {'e2e ratio':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -202,7 +209,7 @@ def format_table(rows: list[dict]) -> str:
         nr = f"{r['network_ratio']:.2f}x" if "network_ratio" in r else ""
         er = f"{r['end_to_end_ratio']:.2f}x" if "end_to_end_ratio" in r else ""
         mem = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
-        lines.append(f"{r['impl']:<7} {r['variant']:<19} {size:>9} {r['batch']:>5} {r['network_ms']:>11.1f} "
+        lines.append(f"{r['impl']:<12} {r['variant']:<19} {size:>9} {r['batch']:>5} {r['network_ms']:>11.1f} "
                      f"{r['end_to_end_ms']:>14.1f} {r['images_per_s']:>8.2f} {mem:>9} {nr:>9} {er:>9}")
     return "\n".join(lines)
 
@@ -228,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"--weights {args.weights}: no such file or folder")
     try:
         rows = run_bench(args.variant, args.batch, args.image_size, args.repeats, args.warmup, args.device,
-                         args.weights, not args.no_effdet)
+                         args.weights, not args.no_effdet, compile=args.compile)
     except (ValueError, OSError, RuntimeError) as e:
         return fail(f"{type(e).__name__}: {e}")
     info = machine()

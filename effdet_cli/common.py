@@ -76,6 +76,14 @@ def add_device(p: argparse.ArgumentParser, default: str = "cpu", help: str | Non
                    help=(help or "cpu, cuda or cuda:N") + f" (default {default})")
 
 
+def add_compile(p: argparse.ArgumentParser) -> None:
+    """``--compile``: ``torch.compile`` the network (see :func:`effdet_torch.model.compile_network`)."""
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (inductor; needs a C++ compiler on the CPU): the first batch "
+                        "compiles for a minute or more, later ones run faster; outputs equal up to fp32 rounding "
+                        "(tests/test_compile.py)")
+
+
 def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
     """``p.parse_args(argv)`` with the "required" check of options that have hidden aliases (argparse's
     own check would refuse the alias); a usage error or ``--help`` returns its exit status instead of raising."""

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from effdet_torch.config import get_config, resolve_variant_name
 from effdet_torch.files import write_json
-from effdet_torch.model import create_model
+from effdet_torch.model import compile_network, create_model
 from evaluation.coco import (
     COCO_METRIC_NAMES,
     CocoEvalImages,
@@ -34,7 +34,7 @@ from evaluation.coco import (
 )
 from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
 
-from .common import EXIT_FAILED, EXIT_USAGE, add_device, add_output, add_variant, add_weights, error, parse_args
+from .common import EXIT_FAILED, EXIT_USAGE, add_compile, add_device, add_output, add_variant, add_weights, error, parse_args
 
 PROG = "effdet-eval"
 
@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder the annotation file's file_name entries are in")
     p.add_argument("--annotations", required=True, help="COCO instances_*.json")
     add_device(p, help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    add_compile(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-images", type=int, default=None, help="only the first N images (by id)")
     p.add_argument("--image-size", default=None, help="network input size: N or the official 'WxH' (default: the variant's)")
@@ -140,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         doc = load_annotations(args.annotations)
         model = create_model(variant, checkpoint=args.weights, image_size=args.image_size)
+        if args.compile:
+            compile_network(model)
     except (OSError, ValueError, KeyError) as e:
         return fail(str(e))
     cfg = model.config

@@ -21,10 +21,10 @@ from effdet_torch.coco_names import coco_class_name
 from effdet_torch.config import parse_image_size
 from effdet_torch.detector import Detector
 from effdet_torch.files import atomic_write, write_json
-from effdet_torch.model import create_model
+from effdet_torch.model import compile_network, create_model
 from parity.visualize import load_font
 
-from .common import add_device, add_output, add_variant, add_weights, error, parse_args
+from .common import add_compile, add_device, add_output, add_variant, add_weights, error, parse_args
 
 __all__ = ["InputError", "build_parser", "detections_to_rows", "draw_detections", "main"]
 
@@ -250,6 +250,8 @@ class Runner:
         model = create_model(args.variant, checkpoint=weights, image_size=args.image_size)
         self.dtype = torch.float16 if args.half else torch.float32
         model = model.to(device=device, dtype=self.dtype).eval()
+        if args.compile:
+            compile_network(model)
         self.det = Detector(model)
         self.threshold = args.threshold
         ncls = model.config.num_classes
@@ -408,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_threshold, default=0.4,
                    help="score threshold for what is drawn and written (default 0.4)")
     add_device(p, default="auto", help="cpu, cuda, cuda:N, or auto: cuda when available")
+    add_compile(p)
     p.add_argument("--half", action="store_true", help="float16 on CUDA (refused on CPU)")
     p.add_argument("--image-size", help="network input size: N or the official 'WxH' (default: the variant's)")
     add_output(p, default=Path("effdet-out"), type=Path, help="output folder (default ./effdet-out)")

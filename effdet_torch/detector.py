@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .anchors import generate_anchors
-from .model import EfficientDet
+from .model import EfficientDet, run_network
 from .postprocess import Detections, flatten_outputs, postprocess_global, postprocess_per_class
 from .preprocess import preprocess_image
 
@@ -50,7 +50,7 @@ class Detector:
     @torch.no_grad()
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Network on a preprocessed batch → flattened ``[B, N, C]`` logits and ``[B, N, 4]`` codes."""
-        cls, box = self.model(x)
+        cls, box = run_network(self.model, x)
         return flatten_outputs(cls, box, self.config.num_classes)
 
     @torch.no_grad()

@@ -195,21 +195,23 @@ def _half_pixel_taps(n_in: int, n_out: int, device) -> tuple[Tensor, Tensor, Ten
     return lower.to(device), upper.to(device), (src - floor).to(device)
 
 
-def resize_bilinear_half_pixel(x: Tensor, size: tuple[int, int]) -> Tensor:
+def resize_bilinear_half_pixel(x: Tensor, size: tuple[int, int], dims: tuple[int, int] = (-2, -1)) -> Tensor:
     """TF2 ``tf.image.resize(method='bilinear', antialias=False)`` (half-pixel centres), bit-exact.
 
     Blends as the TF kernel does — ``top = tl + (tr - tl)·x_lerp``, same for bottom, then
     ``top + (bottom - top)·y_lerp`` — which rounds differently from torch's bilinear
     (``a·(1-l) + b·l``): the difference grows with image size (1e-4 at 480×640 on N(0,1) data).
-    ``[B, C, h, w] → [B, C, *size]``.
+    ``dims``: the (height, width) axes — ``[B, C, h, w] → [B, C, *size]`` by default; ``(0, 1)``
+    resizes an ``[h, w, C]`` image in its own layout (the same numbers, without transposing it).
     """
-    y0, y1, ly = _half_pixel_taps(x.shape[-2], size[0], x.device)
-    x0, x1, lx = _half_pixel_taps(x.shape[-1], size[1], x.device)
-    ly = ly.to(x.dtype)[:, None]
-    lx = lx.to(x.dtype)
-    rows0, rows1 = x.index_select(-2, y0), x.index_select(-2, y1)
-    top = rows0.index_select(-1, x0)
-    top = top + (rows0.index_select(-1, x1) - top) * lx
-    bottom = rows1.index_select(-1, x0)
-    bottom = bottom + (rows1.index_select(-1, x1) - bottom) * lx
+    dy, dx = (d % x.dim() for d in dims)
+    y0, y1, ly = _half_pixel_taps(x.shape[dy], size[0], x.device)
+    x0, x1, lx = _half_pixel_taps(x.shape[dx], size[1], x.device)
+    ly = ly.to(x.dtype).view([-1 if i == dy else 1 for i in range(dy, x.dim())])
+    lx = lx.to(x.dtype).view([-1 if i == dx else 1 for i in range(dx, x.dim())])
+    rows0, rows1 = x.index_select(dy, y0), x.index_select(dy, y1)
+    top = rows0.index_select(dx, x0)
+    top = top + (rows0.index_select(dx, x1) - top) * lx
+    bottom = rows1.index_select(dx, x0)
+    bottom = bottom + (rows1.index_select(dx, x1) - bottom) * lx
     return top + (bottom - top) * ly

@@ -133,3 +133,22 @@ def test_batch_norm_layers_follow_the_config(variant):
         # backbone + BiFPN + both heads' per-level BNs; every one is the TF-variable BN class
         assert len(bns) > 100 and all(type(m) is BatchNorm2d for m in bns)
         assert {(m.eps, round(m.momentum, 12)) for m in bns} == {(eps, momentum)}
+
+
+def test_run_network_on_cpu_is_image_by_image():
+    """On the CPU a batch runs image by image: each image's outputs are those of a batch of one (bit
+    for bit: the batch does not change an image's detections) and agree with the whole-batch forward
+    up to fp32 rounding."""
+    from effdet_torch.model import run_network
+
+    torch.manual_seed(0)
+    m = create_model("d0", image_size=64).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        cls, box = run_network(m, x)
+        one_cls, one_box = m(x[1:2])
+        whole_cls, _ = m(x)
+    for a, b in zip(cls + box, one_cls + one_box):
+        assert a.shape[0] == 3 and torch.equal(a[1:2], b)
+    for a, b in zip(cls, whole_cls):  # 1e-4: >= 50x the rounding of these heads; a mixed-up image order is O(1)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
