@@ -132,7 +132,7 @@ def run_bench(variants: Sequence[str], batches: Sequence[int], image_size=None, 
     rng = np.random.default_rng(0)
     for v in variants:
         name = resolve_variant_name(v)
-        model = create_model(name, checkpoint=weights, image_size=image_size).eval().to(dev)
+        model = create_model(name, checkpoint=weights, image_size=image_size).fold_batch_norm().to(dev)
         if compile:
             compile_network(model)
         det = Detector(model)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import BackboneConfig
-from .ops import BatchNorm2d, Conv2dSame, NormLayer, create_act, drop_connect
+from .ops import BatchNorm2d, Conv2dSame, NormLayer, create_act, drop_connect, fold_bn_into_conv
 
 __all__ = ["EfficientNetBackbone", "MBConvBlock", "SqueezeExcite"]
 
@@ -68,6 +68,13 @@ class MBConvBlock(nn.Module):
                 y = drop_connect(y, self.survival_prob)
             y = y + x
         return y
+
+    def fold_batch_norm(self) -> None:
+        """Inference only: every BN folded into the conv before it (see :func:`fold_bn_into_conv`)."""
+        pairs = (("conv_expand", "bn_expand"),) if self.has_expand else ()
+        for conv, bn in pairs + (("conv_dw", "bn_dw"), ("conv_project", "bn_project")):
+            fold_bn_into_conv(getattr(self, conv), getattr(self, bn))
+            setattr(self, bn, nn.Identity())
 
     def tf_names(self) -> dict[str, str]:
         """Official variable scopes of this block's layers (Keras auto-names, creation order)."""
@@ -127,6 +134,13 @@ class EfficientNetBackbone(nn.Module):
             if i in self.out_indices:
                 feats.append(x)
         return feats
+
+    def fold_batch_norm(self) -> None:
+        """Inference only: the stem's and every block's BN folded into the conv before it."""
+        fold_bn_into_conv(self.conv_stem, self.bn_stem)
+        self.bn_stem = nn.Identity()
+        for block in self.blocks:
+            block.fold_batch_norm()
 
     def tf_names(self) -> dict[str, str]:
         names = {"conv_stem": "stem/conv2d", "bn_stem": "stem/tpu_batch_normalization"}

@@ -19,6 +19,7 @@ __all__ = [
     "NormLayer",
     "SeparableConv2d",
     "create_act",
+    "fold_bn_into_conv",
     "max_pool2d_same",
     "resize_bilinear_half_pixel",
     "resize_nearest_tf1",
@@ -112,6 +113,19 @@ class BatchNorm2d(nn.BatchNorm2d):
 
 #: ``num_features -> norm module``: how the backbone, BiFPN and heads build their BN layers.
 NormLayer = Callable[[int], nn.Module]
+
+
+@torch.no_grad()
+def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Inference only: ``bn(conv(x))`` becomes ``conv'(x)`` with ``W' = W · γ/√(σ² + ε)`` (per output
+    channel) and ``b' = β + (b − μ) · γ/√(σ² + ε)`` (``b = 0`` without a bias); the BN is then the
+    identity. Changes only fp32 rounding."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    conv.bias = nn.Parameter(bias, requires_grad=False)
 
 
 def tf_batch_norm(eps: float = 1e-3, tf_momentum: float = 0.99) -> NormLayer:

@@ -123,3 +123,22 @@ def test_preprocessing_bit_exact(d0_golden_results):
     pre = {r.key: r for r in results}
     assert pre["input/chelsea_preprocessed"].max_abs_err == 0.0
     assert pre["chelsea/image_scale"].max_abs_err == 0.0
+
+
+@pytest.mark.parametrize("npz", ["tensors_random.npz", "tensors_chelsea.npz"])
+def test_d0_goldens_through_the_folded_inference_model(synth_ckpt_dir, npz):
+    """The CLIs' default inference model (backbone BN folded into the convs) passes every tap of the
+    bundled d0 goldens by the same rule; a fold with the wrong epsilon (1e-5, torch's default, for
+    the official 1e-3) fails it from the first backbone level on."""
+    model = create_model("d0", checkpoint=synth_ckpt_dir("efficientdet-d0"), image_size=256).fold_batch_norm()
+    _assert_all_pass(run_golden(model, PROJECT_GOLDEN / "efficientdet-d0" / npz))
+    with pytest.raises(RuntimeError, match="folded"):
+        model.train()
+
+    broken = create_model("d0", checkpoint=synth_ckpt_dir("efficientdet-d0"), image_size=256)
+    for m in broken.backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = 1e-5
+    results = run_golden(broken.fold_batch_norm(), PROJECT_GOLDEN / "efficientdet-d0" / npz)
+    case = "random" if "random" in npz else "chelsea"
+    assert f"{case}/backbone/level3" in {r.key for r in results if not r.passed}

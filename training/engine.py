@@ -241,7 +241,6 @@ class Engine:
         self.best_step = -1
         self.evals_since_best = 0
         self.last_good: tuple[Path, int] | None = None
-        self._eval_model: EfficientDet | None = None
         self._stop_requested = False
         self._hard_stop = False
         self._critical = False
@@ -461,13 +460,13 @@ class Engine:
 
     # ------------------------------------------------------------------ evaluation
     def ema_model(self) -> EfficientDet:
-        """A copy of the model holding the EMA weights (what ``best.pth`` and the ``.pth`` files hold)."""
-        if self._eval_model is None:
-            self._eval_model = copy.deepcopy(self.model)
-            for p in self._eval_model.parameters():
-                p.requires_grad_(False)
-        self._eval_model.load_state_dict(self.ema.state_dict(self.model))
-        return self._eval_model.eval()
+        """A copy of the model holding the EMA weights (what ``best.pth`` and the ``.pth`` files hold),
+        ready for inference as ``effdet-eval`` runs it (backbone BN folded)."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.ema.state_dict(self.model))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.fold_batch_norm()
 
     def evaluate(self) -> np.ndarray | None:
         """The 12 COCO stats of the EMA weights on the val set (None without a val set)."""
