@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .anchors import generate_anchors
 from .model import EfficientDet, run_network
-from .postprocess import Detections, flatten_outputs, postprocess_global, postprocess_per_class
+from .postprocess import Detections, postprocess_global, postprocess_per_class
 from .preprocess import preprocess_image
 
 __all__ = ["Detector"]
@@ -50,8 +50,7 @@ class Detector:
     @torch.no_grad()
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Network on a preprocessed batch → flattened ``[B, N, C]`` logits and ``[B, N, 4]`` codes."""
-        cls, box = run_network(self.model, x)
-        return flatten_outputs(cls, box, self.config.num_classes)
+        return run_network(self.model, x)
 
     @torch.no_grad()
     def detect_tensor(self, x: Tensor, image_scale: Tensor | float | None = None, per_class: bool = False) -> Detections:

@@ -16,6 +16,7 @@ from .checkpoint import load_checkpoint, num_classes_of
 from .config import EfficientDetConfig, get_config
 from .head import HeadNet
 from .ops import tf_batch_norm
+from .postprocess import flatten_outputs
 
 __all__ = ["EfficientDet", "compile_network", "create_model", "load_checkpoint", "run_network"]
 
@@ -87,21 +88,37 @@ class EfficientDet(nn.Module):
         self.config = replace(self.config, num_classes=num_classes)
 
 
-def run_network(model: nn.Module, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-    """Inference forward of a batch ``[B, 3, H, W]`` → the per-level head outputs, as ``model(x)``.
+def run_network(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Inference forward of a batch ``[B, 3, H, W]`` → ``[B, N, num_classes]`` logits and ``[B, N, 4]``
+    box codes, anchors in the official order (:func:`~effdet_torch.postprocess.flatten_outputs`).
 
-    On the CPU the images go through one at a time: a layer-by-layer forward of a batch keeps
-    ``B`` images' activations in flight, which outgrow the caches, and then every op is slower per
-    element (measured, d0 at 512², one thread: 136 ms per image at batch 1, 245 ms at batch 8 —
-    SiLU 33→58, BN 23→45, convs 47→75 ms per image). One at a time, batch-8 time per image is the
-    batch-1 time, and an image's outputs do not depend on the batch it came in. GPUs (and training)
-    take the batch whole.
+    On the CPU the images go through one at a time, each written straight into the batch's output:
+    a layer-by-layer forward of a batch keeps ``B`` images' activations in flight, which outgrow the
+    caches, and then every op is slower per element (measured, d0 at 512², one thread: 136 ms per
+    image at batch 1, 245 ms at batch 8 — SiLU 33→58, BN 23→45, convs 47→75 ms per image); gathering
+    the per-image head outputs with ``torch.cat`` cost another 20 % (page faults on fresh copies). One
+    at a time, an image's outputs do not depend on the batch it came in. GPUs (and training) take the
+    batch whole.
     """
-    if x.device.type != "cpu" or x.shape[0] <= 1 or getattr(model, "training", False):
-        return model(x)
-    outs = [model(x[i:i + 1]) for i in range(x.shape[0])]
-    return ([torch.cat(level) for level in zip(*(o[0] for o in outs))],
-            [torch.cat(level) for level in zip(*(o[1] for o in outs))])
+    c = model.config.num_classes
+    b = x.shape[0]
+    if x.device.type != "cpu" or b <= 1 or getattr(model, "training", False):
+        return flatten_outputs(*model(x), c)
+    cls = box = None
+    for i in range(b):
+        cls_levels, box_levels = model(x[i:i + 1])
+        if cls is None:
+            n = sum(t.shape[1] // c * t.shape[2] * t.shape[3] for t in cls_levels)
+            cls = cls_levels[0].new_empty((b, n, c))
+            box = box_levels[0].new_empty((b, n, 4))
+        start = 0
+        for cl, bl in zip(cls_levels, box_levels):  # [1, A·C, H, W] → rows start.. of [N, C], NHWC order
+            h, w = cl.shape[2], cl.shape[3]
+            end = start + cl.shape[1] // c * h * w
+            cls[i, start:end].view(h, w, -1).copy_(cl[0].permute(1, 2, 0))
+            box[i, start:end].view(h, w, -1).copy_(bl[0].permute(1, 2, 0))
+            start = end
+    return cls, box
 
 
 def compile_network(model: nn.Module) -> nn.Module:

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from effdet_torch.anchors import generate_anchors
 from effdet_torch.config import EfficientDetConfig
 from effdet_torch.model import EfficientDet, run_network
-from effdet_torch.postprocess import flatten_outputs, postprocess_per_class, reduce_candidates
+from effdet_torch.postprocess import postprocess_per_class, reduce_candidates
 from parity.verdicts import match_detections
 
 from .coco import empty_rows, rows_to_array
@@ -272,8 +272,7 @@ def _run_eval(model, dataset, device: torch.device, batch_size: int, num_workers
     try:
         for idx, ids, x, scales in loader:
             x = x.to(device, non_blocking=True)
-            cls_out, box_out = run_network(model, x)
-            cls, box = flatten_outputs(cls_out, box_out, cfg.num_classes)
+            cls, box = run_network(model, x)
             cls, box = cls.float(), box.float()
             for b in range(x.shape[0]):
                 a_idx, c_r, b_r = reduce_candidates(cls[b], box[b], k)

@@ -136,19 +136,21 @@ def test_batch_norm_layers_follow_the_config(variant):
 
 
 def test_run_network_on_cpu_is_image_by_image():
-    """On the CPU a batch runs image by image: each image's outputs are those of a batch of one (bit
-    for bit: the batch does not change an image's detections) and agree with the whole-batch forward
-    up to fp32 rounding."""
+    """On the CPU a batch runs image by image: each image's flattened outputs are those of a batch of
+    one (bit for bit: the batch does not change an image's detections), in the official anchor order
+    (flatten_outputs of the whole-batch forward, up to fp32 rounding)."""
     from effdet_torch.model import run_network
+    from effdet_torch.postprocess import flatten_outputs
 
     torch.manual_seed(0)
     m = create_model("d0", image_size=64).eval()
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         cls, box = run_network(m, x)
-        one_cls, one_box = m(x[1:2])
-        whole_cls, _ = m(x)
-    for a, b in zip(cls + box, one_cls + one_box):
-        assert a.shape[0] == 3 and torch.equal(a[1:2], b)
-    for a, b in zip(cls, whole_cls):  # 1e-4: >= 50x the rounding of these heads; a mixed-up image order is O(1)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        one_cls, one_box = run_network(m, x[1:2])
+        whole_cls, whole_box = flatten_outputs(*m(x), m.config.num_classes)
+    assert cls.shape == (3, one_cls.shape[1], 90) and box.shape == (3, one_cls.shape[1], 4)
+    assert torch.equal(cls[1:2], one_cls) and torch.equal(box[1:2], one_box)
+    # 1e-4: >= 50x the rounding of these heads; a wrong level offset or layout is O(1)
+    torch.testing.assert_close(cls, whole_cls, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(box, whole_box, rtol=1e-4, atol=1e-4)
