@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .anchors import generate_anchors
-from .model import EfficientDet, run_network
+from .model import EfficientDet, iter_network, run_network
 from .postprocess import Detections, postprocess_global, postprocess_per_class
 from .preprocess import preprocess_image
 
@@ -55,11 +55,17 @@ class Detector:
     @torch.no_grad()
     def detect_tensor(self, x: Tensor, image_scale: Tensor | float | None = None, per_class: bool = False) -> Detections:
         """Detections of a preprocessed batch (``per_class``: the official COCO-eval path)."""
-        cls, box = self.heads(x)
         hw = (int(x.shape[-2]), int(x.shape[-1]))
-        if per_class:
-            return postprocess_per_class(self.config, cls.float(), box.float(), self.anchors(hw), image_scale)
-        return postprocess_global(self.config, cls.float(), box.float(), self.anchors(hw), hw, image_scale)
+        anchors = self.anchors(hw)
+        scales = None if image_scale is None else torch.as_tensor(image_scale, dtype=torch.float32).reshape(-1)
+        parts = []
+        for i, cls, box in iter_network(self.model, x):  # on the CPU image by image, to the end
+            s = None if scales is None else (scales if scales.numel() == 1 else scales[i:i + cls.shape[0]])
+            if per_class:
+                parts.append(postprocess_per_class(self.config, cls.float(), box.float(), anchors, s))
+            else:
+                parts.append(postprocess_global(self.config, cls.float(), box.float(), anchors, hw, s))
+        return parts[0] if len(parts) == 1 else Detections.cat(parts)
 
     def __call__(self, images: Sequence[np.ndarray], per_class: bool = False) -> Detections:
         x, scales = self.preprocess(images)

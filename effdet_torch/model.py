@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import replace
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from .head import HeadNet
 from .ops import tf_batch_norm
 from .postprocess import flatten_outputs
 
-__all__ = ["EfficientDet", "compile_network", "create_model", "load_checkpoint", "run_network"]
+__all__ = ["EfficientDet", "compile_network", "create_model", "iter_network", "load_checkpoint", "run_network"]
 
 
 class EfficientDet(nn.Module):
@@ -88,37 +88,33 @@ class EfficientDet(nn.Module):
         self.config = replace(self.config, num_classes=num_classes)
 
 
-def run_network(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Inference forward of a batch ``[B, 3, H, W]`` → ``[B, N, num_classes]`` logits and ``[B, N, 4]``
-    box codes, anchors in the official order (:func:`~effdet_torch.postprocess.flatten_outputs`).
+def iter_network(model: nn.Module, x: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Inference forward of a batch ``[B, 3, H, W]`` in chunks: yields ``(first image, cls [b, N, C],
+    box [b, N, 4])``, the heads flattened in the official anchor order
+    (:func:`~effdet_torch.postprocess.flatten_outputs`).
 
-    On the CPU the images go through one at a time, each written straight into the batch's output:
-    a layer-by-layer forward of a batch keeps ``B`` images' activations in flight, which outgrow the
-    caches, and then every op is slower per element (measured, d0 at 512², one thread: 136 ms per
-    image at batch 1, 245 ms at batch 8 — SiLU 33→58, BN 23→45, convs 47→75 ms per image); gathering
-    the per-image head outputs with ``torch.cat`` cost another 20 % (page faults on fresh copies). One
-    at a time, an image's outputs do not depend on the batch it came in. GPUs (and training) take the
-    batch whole.
+    On the CPU the chunks are single images, so the caller can finish each image (post-processing,
+    candidate reduction) before the next: a layer-by-layer forward of a batch keeps ``B`` images'
+    activations in flight, which outgrow the caches, and then every op is slower per element
+    (measured, d0 at 512², one thread: 136 ms per image at batch 1, 245 ms at batch 8 — SiLU 33→58,
+    BN 23→45, convs 47→75 ms per image), and gathering a batch's heads (``[8, 49104, 90]`` floats,
+    141 MB) costs page faults of its own. An image's outputs then do not depend on its batch. GPUs
+    (and training) take the batch whole: one chunk.
     """
     c = model.config.num_classes
-    b = x.shape[0]
-    if x.device.type != "cpu" or b <= 1 or getattr(model, "training", False):
-        return flatten_outputs(*model(x), c)
-    cls = box = None
-    for i in range(b):
-        cls_levels, box_levels = model(x[i:i + 1])
-        if cls is None:
-            n = sum(t.shape[1] // c * t.shape[2] * t.shape[3] for t in cls_levels)
-            cls = cls_levels[0].new_empty((b, n, c))
-            box = box_levels[0].new_empty((b, n, 4))
-        start = 0
-        for cl, bl in zip(cls_levels, box_levels):  # [1, A·C, H, W] → rows start.. of [N, C], NHWC order
-            h, w = cl.shape[2], cl.shape[3]
-            end = start + cl.shape[1] // c * h * w
-            cls[i, start:end].view(h, w, -1).copy_(cl[0].permute(1, 2, 0))
-            box[i, start:end].view(h, w, -1).copy_(bl[0].permute(1, 2, 0))
-            start = end
-    return cls, box
+    if x.device.type != "cpu" or x.shape[0] <= 1 or getattr(model, "training", False):
+        yield (0, *flatten_outputs(*model(x), c))
+        return
+    for i in range(x.shape[0]):
+        yield (i, *flatten_outputs(*model(x[i:i + 1]), c))
+
+
+def run_network(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The heads of a whole batch: ``[B, N, C]`` logits and ``[B, N, 4]`` codes (see :func:`iter_network`)."""
+    parts = list(iter_network(model, x))
+    if len(parts) == 1:
+        return parts[0][1], parts[0][2]
+    return torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
 
 def compile_network(model: nn.Module) -> nn.Module:

@@ -38,6 +38,11 @@ class Detections:
     classes: Tensor
     valid_len: Tensor
 
+    @staticmethod
+    def cat(parts: "list[Detections]") -> "Detections":
+        """The detections of consecutive chunks of a batch, as one batch."""
+        return Detections(*(torch.cat([getattr(p, f) for p in parts]) for f in ("boxes", "scores", "classes", "valid_len")))
+
     def __getitem__(self, b: int) -> dict[str, np.ndarray]:
         """The valid rows of image ``b`` as numpy arrays."""
         n = int(self.valid_len[b])

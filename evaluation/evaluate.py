@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from effdet_torch.anchors import generate_anchors
 from effdet_torch.config import EfficientDetConfig
-from effdet_torch.model import EfficientDet, run_network
+from effdet_torch.model import EfficientDet, iter_network
 from effdet_torch.postprocess import postprocess_per_class, reduce_candidates
 from parity.verdicts import match_detections
 
@@ -272,17 +272,18 @@ def _run_eval(model, dataset, device: torch.device, batch_size: int, num_workers
     try:
         for idx, ids, x, scales in loader:
             x = x.to(device, non_blocking=True)
-            cls, box = run_network(model, x)
-            cls, box = cls.float(), box.float()
-            for b in range(x.shape[0]):
-                a_idx, c_r, b_r = reduce_candidates(cls[b], box[b], k)
-                a_idx = a_idx.cpu().numpy()
-                args = (idx[b], ids[b], cfg, float(scales[b]), c_r.cpu().numpy(), b_r.cpu().numpy(),
-                        anchors_np[a_idx])
-                if pool is None:
-                    done(*_post_job(args))
-                else:
-                    pending.append(pool.submit(_post_job, args))
+            for first, cls, box in iter_network(model, x):  # on the CPU image by image
+                cls, box = cls.float(), box.float()
+                for j in range(cls.shape[0]):
+                    b = first + j
+                    a_idx, c_r, b_r = reduce_candidates(cls[j], box[j], k)
+                    a_idx = a_idx.cpu().numpy()
+                    args = (idx[b], ids[b], cfg, float(scales[b]), c_r.cpu().numpy(), b_r.cpu().numpy(),
+                            anchors_np[a_idx])
+                    if pool is None:
+                        done(*_post_job(args))
+                    else:
+                        pending.append(pool.submit(_post_job, args))
             drain(4 * max(1, n_post) * batch_size)
         drain(0)
     finally:
