@@ -68,8 +68,9 @@ def _points(model: EfficientDet, detailed: bool) -> list[TapPoint]:
             for r, bns in enumerate(head.bns):
                 for j, (bn, lvl) in enumerate(zip(bns, levels)):
                     name = f"{head_name}/repeat{r}/level{lvl}"
-                    # The hook sees BN's output; the official tap is after the activation.
-                    pts.append(TapPoint(bn, lambda out, name=name, act=head.act: {name: act(out)},
+                    # The hook sees BN's output; the official tap is after the activation (applied to a
+                    # copy: the network's own activation may work in place on BN's output afterwards)
+                    pts.append(TapPoint(bn, lambda out, name=name, act=head.act: {name: act(out.clone())},
                                         f"{head_name}.convs.{r}+bns.{r}.{j}+act", (name,)))
         pts.append(TapPoint(head, per_level(head_name, levels), f"{head_name}.predict",
                             tuple(f"{head_name}/level{l}" for l in levels)))

@@ -171,3 +171,25 @@ def test_detector_batch_equals_single_images():
             one = det([img], per_class=per_class)
             for f in ("boxes", "scores", "classes", "valid_len"):
                 assert torch.equal(getattr(batch, f)[i:i + 1], getattr(one, f)), (per_class, i, f)
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_recording_taps_leaves_outputs_bit_identical(fold):
+    """Activations work in place at inference; the tap hooks must never write into the network's
+    tensors (the head-repeat taps activate a copy of BN's output)."""
+    from effdet_torch.taps import record_all_taps
+
+    torch.manual_seed(0)
+    m = create_model("d0", image_size=64).eval()
+    if fold:
+        m.fold_batch_norm()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = m(x)
+        with record_all_taps(m) as taps:
+            tapped = m(x)
+    assert all(torch.equal(a, b) for a, b in zip(plain[0] + plain[1], tapped[0] + tapped[1]))
+    assert torch.equal(taps["class_net/level3"], plain[0][0])
+    # the repeat-2 tap is what the next layer consumed: predict(tap) gives the head output
+    pred = m.class_net.predict(taps["class_net/repeat2/level3"])
+    torch.testing.assert_close(pred, plain[0][0], rtol=0, atol=0)
