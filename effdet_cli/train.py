@@ -158,14 +158,14 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"; the project says num_gpus: {gpus}" if gpus != world else ""))
         last = engine.last_path
         engine.fit()
+        if world > 1:  # leave together: no process tears the group down under another's last collective
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return 0
     except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
         return error(PROG, str(e))
     except KeyboardInterrupt:
         return error(PROG, "interrupted again: stopped without saving" + (f"; last good checkpoint {last}" if last else ""))
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

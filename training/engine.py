@@ -213,10 +213,10 @@ class Engine:
                 for p in mod.parameters():
                     p.requires_grad_(False)
         module = self.model
-        if self.dist.enabled:  # parameters and buffers broadcast from process 0; SyncBN keeps the buffers equal
+        if self.dist.enabled:  # parameters and buffers broadcast from process 0 once; SyncBN keeps the buffers equal
             module = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                forward_sync_buffers=False)
             torch.manual_seed(cfg.seed + self.dist.rank)  # drop-connect draws differ per slice
         params = [p for p in self.model.parameters() if p.requires_grad]
         b, spe = cfg.batch_size, self.steps_per_epoch
