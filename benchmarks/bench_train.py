@@ -42,6 +42,7 @@ from fixtures.shapes import SHAPE_CLASSES, make_shapes_project
 from fixtures.synth_ckpt import write_synth_checkpoint
 from training.data import collate
 from training.engine import Engine, TrainConfig
+from training.targets import batch_targets
 
 
 def _ours(root: Path, args, ckpt: str) -> Engine:
@@ -100,7 +101,7 @@ def _batches(eng: Engine):
     epoch = 0
     while True:
         eng.train_set.epoch = epoch
-        for idx in eng._epoch_batches(epoch):
+        for idx in eng.epoch_batches(epoch):
             yield collate([eng.train_set[i] for i in idx])
         epoch += 1
 
@@ -134,8 +135,6 @@ def main() -> None:
             base = None
             print("effdet is not installed (pip install effdet): our rows only", file=sys.stderr)
         ours_batches, base_batches = _batches(eng), _batches(eng)
-        from training.targets import batch_targets
-
         curve, t_ours, t_base = [], 0.0, 0.0
         for done in range(args.eval_every, args.steps + 1, args.eval_every):
             t = time.perf_counter()

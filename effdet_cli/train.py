@@ -20,7 +20,6 @@ and every step equals the one-process step on the global batch (DistributedDataP
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from effdet_torch.config import resolve_variant_name
+from evaluation.evaluate import dist_info
 from training.engine import Engine, TrainConfig
 from training.project import dataset_paths, load_project, pixel_scale
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     last = None
     try:
         cfg = build_config(args)
-        gpus, world = cfg.extra["num_gpus"], int(os.environ.get("WORLD_SIZE", 1))
+        gpus, world = cfg.extra["num_gpus"], dist_info().world_size
         if gpus > 1 and world == 1:
             argv = sys.argv[1:] if argv is None else argv
             return error(PROG, f"{args.project}.yml asks for num_gpus: {gpus}; one process per GPU runs under torchrun: "

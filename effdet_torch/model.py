@@ -102,7 +102,7 @@ def iter_network(model: nn.Module, x: Tensor) -> Iterator[tuple[int, Tensor, Ten
     (and training) take the batch whole: one chunk.
     """
     c = model.config.num_classes
-    if x.device.type != "cpu" or x.shape[0] <= 1 or getattr(model, "training", False):
+    if x.device.type != "cpu" or x.shape[0] <= 1 or model.training:
         yield (0, *flatten_outputs(*model(x), c))
         return
     for i in range(x.shape[0]):
@@ -119,7 +119,7 @@ def run_network(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def compile_network(model: nn.Module) -> nn.Module:
     """``torch.compile`` the model in place (its ``forward``; the module, its ``config`` and state dict
-    stay as they are) with static shapes: one graph per input size (on the CPU :func:`run_network`
+    stay as they are) with static shapes: one graph per input size (on the CPU :func:`iter_network`
     feeds single images, so one per size). Inductor fuses BN and activations into the convolutions,
     which changes only fp32 rounding (``tests/test_compile.py`` holds it to our measured fp32 noise)."""
     model.compile(dynamic=False)

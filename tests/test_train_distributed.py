@@ -83,7 +83,7 @@ class Reference:
         batches = []
         for epoch in range(STEPS):  # 4 images, batch 4: one step per epoch
             eng.train_set.epoch = epoch
-            images, boxes, classes = collate([eng.train_set[i] for i in eng._epoch_batches(epoch)[0]])
+            images, boxes, classes = collate([eng.train_set[i] for i in eng.epoch_batches(epoch)[0]])
             batches.append((images.contiguous(memory_format=torch.channels_last),
                             batch_targets(boxes, classes, eng.anchors)))
         trainer, model = eng.trainer, eng.model

@@ -343,7 +343,8 @@ class Engine:
         return weights
 
     # ------------------------------------------------------------------ the loop
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's sample indices of every step of ``epoch`` (drawn from ``(seed, epoch)`` alone)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.train_set), generator=g).tolist()
         b, lb, r = self.cfg.batch_size, self.local_batch, self.dist.rank
@@ -387,7 +388,7 @@ class Engine:
         t_last = time.perf_counter()
         while self.epoch < cfg.num_epochs:
             self.train_set.epoch = self.epoch
-            batches = self._epoch_batches(self.epoch)[self.batch_in_epoch:]
+            batches = self.epoch_batches(self.epoch)[self.batch_in_epoch:]
             loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=batches, num_workers=cfg.workers,
                                                  collate_fn=collate, generator=torch.Generator(),
                                                  pin_memory=self.device.type == "cuda")

@@ -62,7 +62,7 @@ class Trainer:
         self.module.train()
         cls_out, box_out = self.module(images)
         n_cls = self.model.config.num_classes
-        positives = targets.num_positives if world_size() == 1 else all_reduce_sum(targets.num_positives.sum().reshape(1))
+        positives = all_reduce_sum(targets.num_positives.sum().reshape(1))  # of the global batch
         losses = detection_loss(flatten_head_outputs(cls_out, n_cls), flatten_head_outputs(box_out, 4),
                                 targets.cls, targets.box.to(images.dtype), positives, self.loss_cfg)
         losses["reg_l2_loss"] = reg_l2_loss(self.l2_params, self.loss_cfg.weight_decay)
@@ -73,7 +73,6 @@ class Trainer:
     def step(self, images: Tensor, targets: AnchorTargets) -> StepOutput:
         """Forward, clipped gradients, one optimizer update (and EMA update); returns what was used."""
         losses, cls_out, box_out = self.forward_loss(images, targets)
-        world = world_size()
         names = ("cls_loss", "box_loss", "det_loss")
         parts = all_reduce_sum(torch.stack([losses[k].detach() for k in names]))  # the global batch's terms
         report = dict(zip(names, parts))
@@ -85,8 +84,8 @@ class Trainer:
         for p in self.params:
             p.grad = None
         # DDP averages over processes: world · (this share) + L2 averages to the global loss's gradient
-        objective = losses["loss"] if world == 1 else losses["det_loss"] * world + losses["reg_l2_loss"]
-        objective.backward()
+        # (one process: ×1 is exact, so this is the loss itself)
+        (losses["det_loss"] * world_size() + losses["reg_l2_loss"]).backward()
         grads = [p.grad for p in self.params]
         clipped, raw, norm = clip_gradients(list(grads), self.clip_norm)
         lr = self.schedule(self.step_count)
