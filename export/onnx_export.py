@@ -89,6 +89,17 @@ def _name_batch_dim(proto, name: str = "batch") -> None:
                 d.dim_param = name
 
 
+def _optimize(proto):
+    """The exporter's graph optimisation (onnxscript), folding constant subgraphs of any size: the
+    stride-2 SAME convolutions zero-pad their weights (``Conv2dSame``), and a weight ``Pad`` left in
+    the graph (the default fold limit is 8192 input elements, e.g. d0's 672-channel 5×5 depthwise
+    kernel) makes onnxruntime's own optimiser reject the model ("Node input 'pad_4' is not a graph
+    input, initializer, or output of a previous node"; onnxruntime 1.32)."""
+    from onnxscript import optimizer
+
+    return optimizer.optimize(proto, input_size_limit=2**31 - 1, output_size_limit=2**31 - 1)
+
+
 def export_onnx(model: EfficientDet, image_size: tuple[int, int], path: str | os.PathLike | None = None,
                 decode: bool = False, nms: bool = False, program: torch.export.ExportedProgram | None = None):
     """Export ``model`` at ``image_size`` (``nms`` implies ``decode``); check it with
@@ -103,8 +114,8 @@ def export_onnx(model: EfficientDet, image_size: tuple[int, int], path: str | os
     names = output_names(model, decode)
     x = torch.zeros(2, 3, *image_size)
     onnx_program = torch.onnx.export(program, (x,), dynamo=True, opset_version=OPSET, input_names=["image"],
-                                     output_names=names, optimize=True, verbose=False)
-    proto = onnx_program.model_proto
+                                     output_names=names, optimize=False, verbose=False)
+    proto = _optimize(onnx_program.model_proto)
     _name_batch_dim(proto)
     if nms:
         proto = add_hard_nms(proto, tuple(image_size), model.config.max_detections, model.config.nms_iou_threshold)
