@@ -55,15 +55,19 @@ def _geometry(b: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(inline="always", error_model="numpy")
-def _iou(a: np.ndarray, b: np.ndarray) -> np.float32:
-    """IoU of geometry rows ``a`` (the candidate) and ``b`` (a selected box), float32."""
-    ih = np.maximum(np.minimum(a[2], b[2]) - np.maximum(a[0], b[0]), _F0)
-    iw = np.maximum(np.minimum(a[3], b[3]) - np.maximum(a[1], b[1]), _F0)
-    inter = ih * iw
-    iou = inter / (a[4] + b[4] - inter)
-    if a[4] <= _F0 or b[4] <= _F0:
-        return _F0
-    return iou
+def _ious(a: np.ndarray, sel: np.ndarray, begin: int, end: int, out: np.ndarray) -> None:
+    """``out[j]`` = IoU of the candidate's geometry row ``a`` and selected box ``j`` (column ``j`` of
+    ``sel [5, K]``) for ``begin <= j < end``, float32, the reference's operations in its order. All of
+    them at once, in a loop the compiler vectorises (a pure function: computing IoUs the decay loop
+    then does not read changes nothing)."""
+    a0, a1, a2, a3, a4 = a[0], a[1], a[2], a[3], a[4]
+    y1, x1, y2, x2, area = sel[0], sel[1], sel[2], sel[3], sel[4]
+    for j in range(begin, end):
+        ih = np.maximum(np.minimum(a2, y2[j]) - np.maximum(a0, y1[j]), _F0)
+        iw = np.maximum(np.minimum(a3, x2[j]) - np.maximum(a1, x1[j]), _F0)
+        inter = ih * iw
+        iou = inter / (a4 + area[j] - inter)
+        out[j] = _F0 if (a4 <= _F0 or area[j] <= _F0) else iou
 
 
 @numba.njit(inline="always")
@@ -74,7 +78,8 @@ def _before(s1: np.float32, p1: np.int64, s2: np.float32, p2: np.int64) -> bool:
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _kernel(geom, scores, order, gstart, gend, k, iou_thr, thr, scale, soft, out_idx, out_scores, counts):
-    sel = np.empty((max(k, 1), 5), np.float32)
+    sel = np.empty((5, max(k, 1)), np.float32)  # the selected boxes' geometry, one row per field
+    ious = np.empty(max(k, 1), np.float32)
     for g in range(gstart.shape[0]):
         s, e = gstart[g], gend[g]
         n = 0
@@ -86,51 +91,63 @@ def _kernel(geom, scores, order, gstart, gend, k, iou_thr, thr, scale, soft, out
                 cpos[n] = p
                 cneg[n] = -scores[p]
                 n += 1
-        # a list sorted best first is a valid heap; mergesort is stable, so ties keep the lower index first
+        # Two queues, one order: the never-visited candidates as a list sorted best first (stable
+        # mergesort: ties keep the lower index first), popped from the front in O(1), and a max-heap
+        # of the re-queued (decayed) ones; a pop takes the better head by (score, -index). Any
+        # priority queue pops the same sequence (the key is unique), so this is the reference's
+        # order; it only spares the sift through all N candidates that a single heap pays per pop.
         srt = np.argsort(cneg[:n], kind="mergesort")
+        ls_ = np.empty(n, np.float32)
+        lp_ = np.empty(n, np.int64)
+        for j in range(n):
+            ls_[j] = -cneg[srt[j]]
+            lp_[j] = cpos[srt[j]]
+        head = 0
         hs = np.empty(n, np.float32)
         hp = np.empty(n, np.int64)
-        hb = np.zeros(n, np.int64)
-        for j in range(n):
-            hs[j] = -cneg[srt[j]]
-            hp[j] = cpos[srt[j]]
-        size = n
+        hb = np.empty(n, np.int64)
+        size = 0
         nsel = 0
-        while nsel < k and size > 0:
-            original, p, begin = hs[0], hp[0], hb[0]
-            size -= 1  # pop: the last entry sifts down from the root
-            if size > 0:
-                ls, lp, lb = hs[size], hp[size], hb[size]
-                i = 0
-                while True:
-                    c = 2 * i + 1
-                    if c >= size:
-                        break
-                    if c + 1 < size and _before(hs[c + 1], hp[c + 1], hs[c], hp[c]):
-                        c += 1
-                    if not _before(hs[c], hp[c], ls, lp):
-                        break
-                    hs[i], hp[i], hb[i] = hs[c], hp[c], hb[c]
-                    i = c
-                hs[i], hp[i], hb[i] = ls, lp, lb
+        while nsel < k and (head < n or size > 0):
+            if size == 0 or (head < n and _before(ls_[head], lp_[head], hs[0], hp[0])):
+                original, p, begin = ls_[head], lp_[head], 0
+                head += 1
+            else:
+                original, p, begin = hs[0], hp[0], hb[0]
+                size -= 1  # pop: the last entry sifts down from the root
+                if size > 0:
+                    ls, lp, lb = hs[size], hp[size], hb[size]
+                    i = 0
+                    while True:
+                        c = 2 * i + 1
+                        if c >= size:
+                            break
+                        if c + 1 < size and _before(hs[c + 1], hp[c + 1], hs[c], hp[c]):
+                            c += 1
+                        if not _before(hs[c], hp[c], ls, lp):
+                            break
+                        hs[i], hp[i], hb[i] = hs[c], hp[c], hb[c]
+                        i = c
+                    hs[i], hp[i], hb[i] = ls, lp, lb
             score = original
             if nsel > begin:
+                _ious(geom[p], sel, begin, nsel, ious)
                 if soft:
                     for j in range(nsel - 1, begin - 1, -1):  # newest selection first
-                        iou = _iou(geom[p], sel[j])
-                        score = score * np.exp((scale * iou) * iou)
-                        if score <= thr:
-                            break
+                        if ious[j] != _F0:  # iou 0: expf(-0) = 1 and score · 1 = score, exactly
+                            score = score * np.exp((scale * ious[j]) * ious[j])
+                            if score <= thr:
+                                break
                 else:
                     hit = False
                     for j in range(nsel - 1, begin - 1, -1):
-                        if _iou(geom[p], sel[j]) > iou_thr:
+                        if ious[j] > iou_thr:
                             hit = True
                             break
                     if hit:
                         continue
             if score == original:
-                sel[nsel] = geom[p]
+                sel[:, nsel] = geom[p]
                 out_idx[g, nsel] = p
                 out_scores[g, nsel] = score
                 nsel += 1
