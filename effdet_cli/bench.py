@@ -17,7 +17,8 @@ Rows per (variant, size, batch):
 Every timed call runs once per repeat, rows interleaved (A, B, A, B, …), median reported; ratios
 are ours ÷ effdet. Weights are random unless ``--weights`` is given: the network's speed does not
 depend on them, the soft-NMS's does (random weights put every anchor above the 0.001 score
-threshold, its slowest case). Exit status: 0 done, 1 a run failed, 2 usage error.
+threshold with nearly equal scores, its slowest case; they are drawn from seed 0, so every run
+measures the same load). Exit status: 0 done, 1 a run failed, 2 usage error.
 """
 from __future__ import annotations
 
@@ -133,11 +134,13 @@ def run_bench(variants: Sequence[str], batches: Sequence[int], image_size=None, 
     rng = np.random.default_rng(0)
     for v in variants:
         name = resolve_variant_name(v)
+        torch.manual_seed(0)  # random weights decide the soft-NMS's load: the same ones every run
         model = create_model(name, checkpoint=weights, image_size=image_size).fold_batch_norm().to(dev)
         if compile:
             compile_network(model)
         det = Detector(model)
         hw = tuple(det.image_size)
+        torch.manual_seed(0)
         base = _effdet_bench(name, hw, dev) if with_effdet else None
         for b in batches:
             images = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(b)]  # a VGA photo's size
