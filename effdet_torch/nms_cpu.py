@@ -70,6 +70,44 @@ def _ious(a: np.ndarray, sel: np.ndarray, begin: int, end: int, out: np.ndarray)
         out[j] = _F0 if (a4 <= _F0 or area[j] <= _F0) else iou
 
 
+def _ranked_candidates(scores: np.ndarray, groups: np.ndarray, num_groups: int,
+                       thr: np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The positions with ``score > thr`` (NaN never), group by group, each group best first
+    (score descending, ties by the lower position): ``(ranked [n], gstart [G], gend [G])``.
+
+    One sort of int64 keys ``(rank of -score) << 32 | position`` — float32 → int32 by the order-
+    preserving bit map (``-0.0`` taken as ``+0.0``, which it equals), so equal scores tie and the
+    lower position wins, as NMSV5's order — numpy's SIMD sort: 0.24 ms for 49 104 candidates where
+    a compiled stable argsort of the floats takes 4.8 ms; then a counting sort by group keeps that
+    order within each group."""
+    if scores.size > 2**32:
+        raise ValueError(f"{scores.size} NMS inputs: positions must fit in 32 bits")
+    cand = np.flatnonzero(scores > thr)
+    bits = scores[cand].view(np.int32)
+    bits = np.where(bits == np.int32(-2**31), np.int32(0), bits)
+    mono = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)  # int order = float order
+    keys = ((~mono).astype(np.int64) << 32) | cand
+    ranked = np.sort(keys) & np.int64(0xFFFFFFFF)
+    return _bucket_by_group(ranked, groups, num_groups)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bucket_by_group(ranked: np.ndarray, groups: np.ndarray, num_groups: int):
+    """Stable counting sort of ``ranked`` positions by ``groups[position]`` (in ``[0, num_groups)``)."""
+    start = np.zeros(num_groups + 1, np.int64)
+    for p in ranked:
+        start[groups[p] + 1] += 1
+    for g in range(num_groups):
+        start[g + 1] += start[g]
+    fill = start[:-1].copy()
+    out = np.empty_like(ranked)
+    for p in ranked:
+        g = groups[p]
+        out[fill[g]] = p
+        fill[g] += 1
+    return out, start[:-1], start[1:]
+
+
 @numba.njit(inline="always")
 def _before(s1: np.float32, p1: np.int64, s2: np.float32, p2: np.int64) -> bool:
     """Heap order: higher score first, then the lower index."""
@@ -77,31 +115,17 @@ def _before(s1: np.float32, p1: np.int64, s2: np.float32, p2: np.int64) -> bool:
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _kernel(geom, scores, order, gstart, gend, k, iou_thr, thr, scale, soft, out_idx, out_scores, counts):
+def _kernel(geom, scores, ranked, gstart, gend, k, iou_thr, thr, scale, soft, out_idx, out_scores, counts):
     sel = np.empty((5, max(k, 1)), np.float32)  # the selected boxes' geometry, one row per field
     ious = np.empty(max(k, 1), np.float32)
     for g in range(gstart.shape[0]):
-        s, e = gstart[g], gend[g]
-        n = 0
-        cpos = np.empty(e - s, np.int64)
-        cneg = np.empty(e - s, np.float32)
-        for j in range(s, e):  # positions ascending within the group: the NMSV5 index order
-            p = order[j]
-            if scores[p] > thr:
-                cpos[n] = p
-                cneg[n] = -scores[p]
-                n += 1
-        # Two queues, one order: the never-visited candidates as a list sorted best first (stable
-        # mergesort: ties keep the lower index first), popped from the front in O(1), and a max-heap
+        # Two queues, one order: the never-visited candidates as a list sorted best first (``ranked``:
+        # score descending, ties by the lower position), popped from the front in O(1), and a max-heap
         # of the re-queued (decayed) ones; a pop takes the better head by (score, -index). Any
         # priority queue pops the same sequence (the key is unique), so this is the reference's
         # order; it only spares the sift through all N candidates that a single heap pays per pop.
-        srt = np.argsort(cneg[:n], kind="mergesort")
-        ls_ = np.empty(n, np.float32)
-        lp_ = np.empty(n, np.int64)
-        for j in range(n):
-            ls_[j] = -cneg[srt[j]]
-            lp_[j] = cpos[srt[j]]
+        s, e = gstart[g], gend[g]
+        n = e - s
         head = 0
         hs = np.empty(n, np.float32)
         hp = np.empty(n, np.int64)
@@ -109,8 +133,9 @@ def _kernel(geom, scores, order, gstart, gend, k, iou_thr, thr, scale, soft, out
         size = 0
         nsel = 0
         while nsel < k and (head < n or size > 0):
-            if size == 0 or (head < n and _before(ls_[head], lp_[head], hs[0], hp[0])):
-                original, p, begin = ls_[head], lp_[head], 0
+            if size == 0 or (head < n and _before(scores[ranked[s + head]], ranked[s + head], hs[0], hp[0])):
+                p = ranked[s + head]
+                original, begin = scores[p], 0
                 head += 1
             else:
                 original, p, begin = hs[0], hp[0], hb[0]
@@ -185,11 +210,11 @@ def nms_v5_groups(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, num
     counts = np.zeros((g,), np.int64)
     if k == 0 or g == 0 or scores.size == 0:
         return out_idx, out_scores, counts
-    order = np.argsort(groups, kind="stable")
-    sizes = np.bincount(groups, minlength=g)[:g]
-    gend = np.cumsum(sizes)
+    if groups.min() < 0 or groups.max() >= g:
+        raise ValueError(f"groups must lie in [0, {g}), got values in [{groups.min()}, {groups.max()}]")
+    ranked, gstart, gend = _ranked_candidates(scores, groups, g, np.float32(score_threshold))
     soft = soft_nms_sigma > 0.0
     scale = np.float32(-0.5) / np.float32(soft_nms_sigma) if soft else np.float32(0)
-    _kernel(_geometry(boxes), scores, order, gend - sizes, gend, k, np.float32(iou_threshold),
+    _kernel(_geometry(boxes), scores, ranked, gstart, gend, k, np.float32(iou_threshold),
             np.float32(score_threshold), scale, soft, out_idx, out_scores, counts)
     return out_idx, out_scores, counts
