@@ -135,7 +135,7 @@ def run_bench(variants: Sequence[str], batches: Sequence[int], image_size=None, 
     for v in variants:
         name = resolve_variant_name(v)
         torch.manual_seed(0)  # random weights decide the soft-NMS's load: the same ones every run
-        model = create_model(name, checkpoint=weights, image_size=image_size).fold_batch_norm().to(dev)
+        model = create_model(name, checkpoint=weights, image_size=image_size).fuse_for_inference().to(dev)
         if compile:
             compile_network(model)
         det = Detector(model)

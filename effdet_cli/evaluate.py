@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         doc = load_annotations(args.annotations)
-        model = create_model(variant, checkpoint=args.weights, image_size=args.image_size).fold_batch_norm()
+        model = create_model(variant, checkpoint=args.weights, image_size=args.image_size).fuse_for_inference()
         if args.compile:
             compile_network(model)
     except (OSError, ValueError, KeyError) as e:

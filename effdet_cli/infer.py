@@ -249,7 +249,7 @@ class Runner:
         self.torch = torch
         model = create_model(args.variant, checkpoint=weights, image_size=args.image_size)
         self.dtype = torch.float16 if args.half else torch.float32
-        model = model.fold_batch_norm().to(device=device, dtype=self.dtype)  # inference only: see EfficientDet.fold_batch_norm
+        model = model.fuse_for_inference().to(device=device, dtype=self.dtype)  # inference only: see EfficientDet.fuse_for_inference
         if args.compile:
             compile_network(model)
         self.det = Detector(model)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import BackboneConfig
-from .ops import BatchNorm2d, Conv2dSame, NormLayer, create_act, drop_connect, fold_bn_into_conv
+from .ops import BatchNorm2d, Conv2dSame, ConvAct, NormLayer, create_act, drop_connect, fold_bn_into_conv
 
-__all__ = ["EfficientNetBackbone", "MBConvBlock", "SqueezeExcite"]
+__all__ = ["EfficientNetBackbone", "ExcitedProjection", "MBConvBlock", "SqueezeExcite"]
 
 
 class SqueezeExcite(nn.Module):
@@ -28,10 +29,31 @@ class SqueezeExcite(nn.Module):
         self.act = create_act(act_type)
         self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def gate(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W] → [B, C, 1, 1]``: the per-channel scale in (0, 1)."""
         s = x.mean(dim=(2, 3), keepdim=True)
-        s = self.conv_expand(self.act(self.conv_reduce(s)))
-        return x * torch.sigmoid(s)
+        return torch.sigmoid(self.conv_expand(self.act(self.conv_reduce(s))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
+
+
+class ExcitedProjection(nn.Module):
+    """Inference only: an MBConv block's SE and project conv (BN folded in), ``conv(x · gate(x))``.
+    For one image the gate scales the conv's input channels, i.e. its weights — ``W[o, c] · s[c]``,
+    a ``[C_out, C]`` product — instead of the ``[1, C, H, W]`` map (d0's backbone at 512² on 2 CPU
+    threads: 3 ms of 41); batches multiply the map. Changes fp32 rounding only."""
+
+    def __init__(self, se: SqueezeExcite, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.se = se
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.se.gate(x)
+        if x.shape[0] == 1:
+            return F.conv2d(x, self.conv.weight * s.reshape(1, -1, 1, 1), self.conv.bias)
+        return self.conv(x * s)
 
 
 class MBConvBlock(nn.Module):
@@ -69,12 +91,19 @@ class MBConvBlock(nn.Module):
             y = y + x
         return y
 
-    def fold_batch_norm(self) -> None:
-        """Inference only: every BN folded into the conv before it (see :func:`fold_bn_into_conv`)."""
+    def fuse_for_inference(self) -> None:
+        """Inference only: every BN folded into the conv before it (:func:`fold_bn_into_conv`), each
+        conv → act pair one :class:`ConvAct`, the SE gate applied to the project conv's weights
+        (:class:`ExcitedProjection`). ``forward`` runs unchanged over the replaced modules."""
         pairs = (("conv_expand", "bn_expand"),) if self.has_expand else ()
         for conv, bn in pairs + (("conv_dw", "bn_dw"), ("conv_project", "bn_project")):
             fold_bn_into_conv(getattr(self, conv), getattr(self, bn))
             setattr(self, bn, nn.Identity())
+        if self.has_expand:
+            self.conv_expand, self.act_expand = ConvAct(self.conv_expand, self.act_expand), nn.Identity()
+        self.conv_dw, self.act_dw = ConvAct(self.conv_dw, self.act_dw), nn.Identity()
+        if self.se is not None:
+            self.conv_project, self.se = ExcitedProjection(self.se, self.conv_project), None
 
     def tf_names(self) -> dict[str, str]:
         """Official variable scopes of this block's layers (Keras auto-names, creation order)."""
@@ -135,12 +164,13 @@ class EfficientNetBackbone(nn.Module):
                 feats.append(x)
         return feats
 
-    def fold_batch_norm(self) -> None:
-        """Inference only: the stem's and every block's BN folded into the conv before it."""
+    def fuse_for_inference(self) -> None:
+        """Inference only: the stem and every block fused (:meth:`MBConvBlock.fuse_for_inference`)."""
         fold_bn_into_conv(self.conv_stem, self.bn_stem)
         self.bn_stem = nn.Identity()
+        self.conv_stem, self.act_stem = ConvAct(self.conv_stem, self.act_stem), nn.Identity()
         for block in self.blocks:
-            block.fold_batch_norm()
+            block.fuse_for_inference()
 
     def tf_names(self) -> dict[str, str]:
         names = {"conv_stem": "stem/conv2d", "bn_stem": "stem/tpu_batch_normalization"}

@@ -20,6 +20,7 @@ from .ops import (
     NormLayer,
     SeparableConv2d,
     create_act,
+    fold_bn_into_conv,
     max_pool2d_same,
     resize_nearest_tf1,
     tf_batch_norm,
@@ -56,6 +57,12 @@ class ResampleFeatureMap(nn.Module):
         elif h < size[0] or w < size[1]:
             x = resize_nearest_tf1(x, size)
         return x
+
+    def fuse_for_inference(self) -> None:
+        """Inference only: the BN folded into the 1x1 conv."""
+        if self.conv is not None:
+            fold_bn_into_conv(self.conv, self.bn)
+            self.bn = nn.Identity()
 
     def tf_names(self) -> dict[str, str]:
         return {"conv": "conv2d", "bn": "bn"} if self.conv is not None else {}
@@ -119,6 +126,12 @@ class FNode(nn.Module):
     def forward(self, feats: list[Tensor], size: tuple[int, int]) -> Tensor:
         xs = [self.resample[str(i)](feats[off], size) for i, off in enumerate(self.inputs)]
         return self.bn(self.conv(self.act(self.fuse(xs))))
+
+    def fuse_for_inference(self) -> None:
+        """Inference only: the BN folded into the separable conv's pointwise conv (its inputs'
+        resamples are fused by :meth:`BiFpn.fuse_for_inference`)."""
+        fold_bn_into_conv(self.conv.conv_pw, self.bn)
+        self.bn = nn.Identity()
 
     def tf_names(self) -> dict[str, str]:
         names = {f"resample.{i}": f"resample_{i}_{off}_{self._n}" for i, off in enumerate(self.inputs)}
@@ -187,6 +200,12 @@ class BiFpn(nn.Module):
             lvl = self.first_extra_level + j
             feats.append(r(feats[-1], sizes[lvl - self.levels[0]]))
         return feats
+
+    def fuse_for_inference(self) -> None:
+        """Inference only: every BN folded into the conv before it (resamples and nodes)."""
+        for m in self.modules():
+            if isinstance(m, (ResampleFeatureMap, FNode)):
+                m.fuse_for_inference()
 
     def forward(self, feats: list[Tensor], sizes: list[tuple[int, int]]) -> list[Tensor]:
         feats = self.extra_levels(feats, sizes)

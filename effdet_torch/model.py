@@ -43,24 +43,29 @@ class EfficientDet(nn.Module):
                                config.num_anchors, 4, config.act_type, norm)
 
     @property
-    def bn_folded(self) -> bool:
-        return getattr(self, "_bn_folded", False)
+    def fused_for_inference(self) -> bool:
+        return getattr(self, "_fused", False)
 
-    def fold_batch_norm(self) -> "EfficientDet":
-        """Inference only, in place: the backbone's BNs folded into their convolutions (where the
-        large early feature maps are: d0 at 512² on 2 CPU threads, 89 → 73 ms per image; the
-        BiFPN's and heads' BNs, on 64-channel maps, stay). Outputs change by fp32 rounding only
-        (every golden passes through it, ``tests/test_golden_parity.py``). The model can no longer
-        train, and its state dict is no longer the official layout: convert and save unfolded models."""
-        if not self.bn_folded:
+    def fuse_for_inference(self) -> "EfficientDet":
+        """Inference only, in place: the backbone's and BiFPN's BNs folded into the convs before them,
+        the backbone's conv → act pairs single oneDNN calls on the CPU
+        (:class:`~effdet_torch.ops.ConvAct`) and its SE gates applied to the project convs' weights
+        (:class:`~effdet_torch.backbone.ExcitedProjection`). The heads' per-level BNs after a
+        shared conv stay (folding them into per-level conv copies bought 0.5 ms of d0's 64).
+        d0 at 512² on 2 CPU threads: 89 → ~62 ms per image; each step in README "Speed".
+        Outputs change by fp32 rounding only (every golden passes through it,
+        ``tests/test_golden_parity.py``). The model can no longer train, and its state dict is no
+        longer the official layout: convert and save unfused models."""
+        if not self.fused_for_inference:
             self.eval()
-            self.backbone.fold_batch_norm()
-            self._bn_folded = True
+            self.backbone.fuse_for_inference()
+            self.fpn.fuse_for_inference()
+            self._fused = True
         return self
 
     def train(self, mode: bool = True) -> "EfficientDet":
-        if mode and self.bn_folded:
-            raise RuntimeError("this model's batch norms are folded for inference (fold_batch_norm): it cannot train")
+        if mode and self.fused_for_inference:
+            raise RuntimeError("this model is fused for inference (fuse_for_inference: batch norms folded): it cannot train")
         return super().train(mode)
 
     def level_sizes(self, hw: tuple[int, int]) -> list[tuple[int, int]]:
@@ -69,7 +74,8 @@ class EfficientDet(nn.Module):
         return [sizes[lvl] for lvl in self.config.levels]
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        if self.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last):
+        stem = next(self.backbone.parameters())  # the stem conv's [C, 3, 3, 3] kernel (fused or not)
+        if stem.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # the layout the weights are in
         sizes = self.level_sizes((int(x.shape[-2]), int(x.shape[-1])))
         feats = self.backbone(x)

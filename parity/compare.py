@@ -190,7 +190,8 @@ def _forward(model: EfficientDet, x: torch.Tensor, case: str, detailed: bool, an
 def run_ours(model: EfficientDet, ref: Mapping[str, np.ndarray], image_size: tuple[int, int] | None = None,
              device: str | torch.device = "cpu", detailed: bool = True, seed: int = 1234,
              heads_ref: Mapping[str, np.ndarray] | None = None, noise: bool = False,
-             post: bool | None = None) -> tuple[dict[str, np.ndarray], dict[str, tuple], dict[str, float]]:
+             post: bool | None = None,
+             model64: EfficientDet | None = None) -> tuple[dict[str, np.ndarray], dict[str, tuple], dict[str, float]]:
     """Run our model on the inputs of ``ref`` (``input/random``, ``input/<img>_raw_uint8`` or, without
     a raw image, the recorded ``input/<img>_preprocessed``).
 
@@ -205,9 +206,15 @@ def run_ours(model: EfficientDet, ref: Mapping[str, np.ndarray], image_size: tup
     ``gap32 = max|ours_fp32 - ours_fp64|`` of every tensor, and ``(σ_score, σ_box)`` of the detections
     (our post-processing on our fp32 heads vs on our float64 heads rounded to fp32) under
     ``<prefix>/<case>/scores`` and ``.../boxes``.
+
+    ``model64``, the float64 twin those runs use, is by default a float64 copy of ``model``. A model
+    fused for inference (``EfficientDet.fuse_for_inference``) needs the same fusion done in float64
+    from the unfused weights (``unfused.double().fuse_for_inference()``): its own float64 copy
+    would take its fp32-rounded folded weights as exact and leave the fold's rounding out of the
+    noise, while a mistake in the fusion is in both twins, so the noise never hides it.
     """
     with strict_fp32():  # CUDA: no TF32 (it alone moves taps by ~1e-3)
-        return _run_ours(model, ref, image_size, device, detailed, seed, heads_ref, noise, post)
+        return _run_ours(model, ref, image_size, device, detailed, seed, heads_ref, noise, post, model64)
 
 
 def _raw_image(ref: Mapping[str, np.ndarray], case: str) -> tuple[np.ndarray | None, str]:
@@ -238,7 +245,7 @@ def _gap(a: np.ndarray, b: np.ndarray) -> float:
     return float(d.max()) if d.size else 0.0
 
 
-def _run_ours(model, ref, image_size, device, detailed, seed, heads_ref, noise, post):
+def _run_ours(model, ref, image_size, device, detailed, seed, heads_ref, noise, post, twin64):
     model = model.to(device).eval()
     cfg = model.config
     hw = tuple(image_size) if image_size else _hw_of(ref, model)
@@ -252,7 +259,7 @@ def _run_ours(model, ref, image_size, device, detailed, seed, heads_ref, noise, 
     if noise or float64:
         import copy
 
-        model64 = copy.deepcopy(model).double()
+        model64 = (copy.deepcopy(model) if twin64 is None else twin64).double().to(device).eval()
         anchors64 = torch.from_numpy(ours["anchors"]).double().to(device)
     for case in golden_cases(list(ref.keys())):
         x64 = None
@@ -418,17 +425,18 @@ def compare_runs(model: EfficientDet, ref: Mapping[str, np.ndarray], ours: Mappi
 def compare_reference(model: EfficientDet, ref: Mapping[str, np.ndarray], image_size: tuple[int, int] | None = None,
                       device: str | torch.device = "cpu", strict: bool = False,
                       heads_ref: Mapping[str, np.ndarray] | None = None, layer_paths: Mapping[str, str] | None = None,
-                      detailed: bool = True, seed: int = 1234) -> tuple[list[TapStat], dict[str, np.ndarray]]:
+                      detailed: bool = True, seed: int = 1234,
+                      model64: EfficientDet | None = None) -> tuple[list[TapStat], dict[str, np.ndarray]]:
     """THE comparison (``golden``, ``compare``, ``record``'s check, ``--verify``, the demo, the tests):
     run ours on the inputs of ``ref`` with its noise measured, judge every key by :mod:`parity.rules`.
 
     ``strict`` (fp32 references only) skips the noise measurement: only the fixed ``1e-4`` part applies.
-    Returns ``(stats, ours)``.
+    ``model64``: the float64 twin of the noise measurement (:func:`run_ours`). Returns ``(stats, ours)``.
     """
     # random inputs can overflow box decoding to inf
     with strict_fp32(), np.errstate(over="ignore", invalid="ignore"):
         ours, heads, noise = run_ours(model, ref, image_size=image_size, device=device, detailed=detailed,
-                                      heads_ref=heads_ref, noise=not strict, seed=seed)
+                                      heads_ref=heads_ref, noise=not strict, seed=seed, model64=model64)
         stats = compare_runs(model, ref, ours, heads, order=list(ours.keys()), layer_paths=layer_paths,
                              noise_floor=noise)
     return stats, ours

@@ -35,17 +35,18 @@ __all__ = ["REL_TOL", "SCORE_TOL", "TapResult", "box_iou", "class_tie_result", "
 
 
 def run_golden(model: EfficientDet, npz_path: str | os.PathLike, image_size: tuple[int, int] | None = None,
-               seed: int = 1234, device: str | torch.device = "cpu") -> list[TapResult]:
+               seed: int = 1234, device: str | torch.device = "cpu",
+               model64: EfficientDet | None = None) -> list[TapResult]:
     """Compare every key of the golden ``npz_path`` (fp32 or float64) by the rules of
     :mod:`parity.rules`, with our noise measured: the runner of ``effdet-parity compare``
     (:func:`parity.compare.compare_reference`) on the golden's own taps, in strict fp32 on CUDA.
     Cases whose official heads lie in a sibling ``.npz`` of the same folder get the
-    post-processing-only check too.
+    post-processing-only check too. ``model64``: the float64 twin (see :func:`parity.compare.run_ours`).
     """
 
     ref = load_npz(npz_path)
     stats, _ = compare_reference(model, ref, image_size=image_size, device=device, detailed=False, seed=seed,
-                                 heads_ref=sibling_heads(Path(npz_path), ref))
+                                 heads_ref=sibling_heads(Path(npz_path), ref), model64=model64)
     return stats
 
 

@@ -56,7 +56,7 @@ def test_two_process_eval_equals_one_process(tmp_path, synth_ckpt_dir):
     model = create_model("d0", checkpoint=synth_ckpt_dir("efficientdet-d0"), image_size=128)
     weights = tmp_path / "d0.pth"
     torch.save(model.state_dict(), weights)
-    model.fold_batch_norm()  # as effdet-eval runs it
+    model.fuse_for_inference()  # as effdet-eval runs it
     doc = load_annotations(ann)
     cfg = model.config
 

@@ -6,6 +6,7 @@ matching on the official heads, noise-aware end to end).
 """
 from __future__ import annotations
 
+import copy
 
 import numpy as np
 import pytest
@@ -71,8 +72,14 @@ def test_d0_stored_official_files(shared_golden, kind, npz):
 @pytest.mark.parametrize("npz", ["tensors.npz", "tensors_chelsea.npz"])
 def test_regenerated_variants(shared_golden, synth_ckpt_dir, variant, npz):
     model = create_model(variant, checkpoint=synth_ckpt_dir(variant), image_size=256)
-    results = run_golden(model, shared_golden / variant / npz)
-    _assert_all_pass(results)
+    _assert_all_pass(run_golden(model, shared_golden / variant / npz))
+
+
+def _run_fused(model, npz):
+    """``run_golden`` of ``model`` fused for inference, its float64 twin fused in float64 from the
+    unfused weights (so the fold's own fp32 rounding is part of the measured noise)."""
+    twin64 = copy.deepcopy(model).double().fuse_for_inference()
+    return run_golden(copy.deepcopy(model).fuse_for_inference(), npz, model64=twin64)
 
 
 def test_raw_weights_fail_the_comparison(synth_ckpt_dir):
@@ -126,19 +133,27 @@ def test_preprocessing_bit_exact(d0_golden_results):
 
 
 @pytest.mark.parametrize("npz", ["tensors_random.npz", "tensors_chelsea.npz"])
-def test_d0_goldens_through_the_folded_inference_model(synth_ckpt_dir, npz):
-    """The CLIs' default inference model (backbone BN folded into the convs) passes every tap of the
-    bundled d0 goldens by the same rule; a fold with the wrong epsilon (1e-5, torch's default, for
-    the official 1e-3) fails it from the first backbone level on."""
-    model = create_model("d0", checkpoint=synth_ckpt_dir("efficientdet-d0"), image_size=256).fold_batch_norm()
-    _assert_all_pass(run_golden(model, PROJECT_GOLDEN / "efficientdet-d0" / npz))
-    with pytest.raises(RuntimeError, match="folded"):
-        model.train()
+def test_d0_goldens_through_the_fused_inference_model(synth_ckpt_dir, npz):
+    """The CLIs' default inference model (fuse_for_inference: BNs folded, conv+act fused, SE gates in
+    the project weights) passes every tap of the bundled d0 goldens by the same rule; a fold with
+    the wrong epsilon (1e-5, torch's default, for the official 1e-3) fails it from the first
+    backbone level on, and so does a BiFPN fold with it from the first BiFPN cell on."""
+    model = create_model("d0", checkpoint=synth_ckpt_dir("efficientdet-d0"), image_size=256)
+    _assert_all_pass(_run_fused(model, PROJECT_GOLDEN / "efficientdet-d0" / npz))
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        model.fuse_for_inference().train()
 
     broken = create_model("d0", checkpoint=synth_ckpt_dir("efficientdet-d0"), image_size=256)
     for m in broken.backbone.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eps = 1e-5
-    results = run_golden(broken.fold_batch_norm(), PROJECT_GOLDEN / "efficientdet-d0" / npz)
+    results = _run_fused(broken, PROJECT_GOLDEN / "efficientdet-d0" / npz)
     case = "random" if "random" in npz else "chelsea"
     assert f"{case}/backbone/level3" in {r.key for r in results if not r.passed}
+
+    broken = create_model("d0", checkpoint=synth_ckpt_dir("efficientdet-d0"), image_size=256)
+    for m in broken.fpn.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = 1e-5
+    failed = {r.key for r in _run_fused(broken, PROJECT_GOLDEN / "efficientdet-d0" / npz) if not r.passed}
+    assert f"{case}/backbone/level3" not in failed and f"{case}/fpn/cell0/level3" in failed

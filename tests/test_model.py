@@ -187,7 +187,7 @@ def test_recording_taps_leaves_outputs_bit_identical(fold):
     torch.manual_seed(0)
     m = create_model("d0", image_size=64).eval()
     if fold:
-        m.fold_batch_norm()
+        m.fuse_for_inference()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         plain = m(x)

@@ -462,12 +462,12 @@ class Engine:
     # ------------------------------------------------------------------ evaluation
     def ema_model(self) -> EfficientDet:
         """A copy of the model holding the EMA weights (what ``best.pth`` and the ``.pth`` files hold),
-        ready for inference as ``effdet-eval`` runs it (backbone BN folded)."""
+        ready for inference as ``effdet-eval`` runs it (fused: ``EfficientDet.fuse_for_inference``)."""
         model = copy.deepcopy(self.model)
         model.load_state_dict(self.ema.state_dict(self.model))
         for p in model.parameters():
             p.requires_grad_(False)
-        return model.fold_batch_norm()
+        return model.fuse_for_inference()
 
     def evaluate(self) -> np.ndarray | None:
         """The 12 COCO stats of the EMA weights on the val set (None without a val set)."""
