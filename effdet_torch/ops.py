@@ -243,13 +243,43 @@ class MaxPool2dSame(nn.Module):
         return max_pool2d_same(x, self.kernel_size, self.stride)
 
 
+@functools.lru_cache(maxsize=1024)
+def _pool_geometry(h: int, w: int, kh: int, kw: int, sh: int, sw: int) -> tuple[tuple[int, int], bool] | None:
+    """TF SAME max-pool as ``F.max_pool2d``'s own implicit ``-inf`` padding: ``(padding, ceil_mode)``,
+    or None when it cannot say it (then the input is padded explicitly). Per axis SAME pads
+    ``(p, p)`` → ``padding = p``; ``(0, a)`` → ``ceil_mode`` (the last window hangs over the end and
+    its outside cells are ignored, as ``-inf`` padding is); ceil mode leaves a ``(p, p)`` axis
+    alone, whose padded length is a whole number of strides."""
+    pads, ceil = [], False
+    for n, k, s in ((h, kh, sh), (w, kw, sw)):
+        before, after = same_padding(n, k, s)
+        if before == after and before <= k // 2:
+            pads.append(before)
+        elif before == 0:
+            pads.append(0)
+            ceil = True
+        else:
+            return None
+    for n, k, s, p in ((h, kh, sh, pads[0]), (w, kw, sw, pads[1])):  # torch's output size must be SAME's
+        span = n + 2 * p - k
+        out = (-(-span // s) if ceil else span // s) + 1
+        if out != -(-n // s) or (ceil and (out - 1) * s >= n + p):
+            return None
+    return (pads[0], pads[1]), ceil
+
+
 def max_pool2d_same(x: Tensor, kernel: int | tuple[int, int], stride: int | tuple[int, int]) -> Tensor:
-    """Functional :class:`MaxPool2dSame` (per-axis kernel/stride allowed).
+    """Functional :class:`MaxPool2dSame` (per-axis kernel/stride allowed), without a padded copy of
+    the input where the pool's implicit padding says the same (:func:`_pool_geometry`; d7x's
+    ``[1, 384, 192, 192]`` resamples: the ``-inf`` fill and copy were ~1.5 % of its network).
 
     ``[B, C, H, W] → [B, C, ceil(H/s_h), ceil(W/s_w)]``.
     """
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    geometry = _pool_geometry(x.shape[-2], x.shape[-1], kh, kw, sh, sw)
+    if geometry is not None:
+        return F.max_pool2d(x, (kh, kw), (sh, sw), padding=geometry[0], ceil_mode=geometry[1])
     pad = same_pad_lrtb(x.shape[-2], x.shape[-1], kh, kw, sh, sw)
     if pad is not None:
         x = F.pad(x, pad, value=float("-inf"))
