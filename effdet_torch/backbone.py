@@ -88,7 +88,7 @@ class MBConvBlock(nn.Module):
         if self.has_skip:  # drop-connect is a training-only op; inference is the plain sum
             if self.training and self.survival_prob:
                 y = drop_connect(y, self.survival_prob)
-            y = y + x
+            y = y + x if torch.is_grad_enabled() else y.add_(x)  # in place on the fresh conv output at inference
         return y
 
     def fuse_for_inference(self) -> None:
