@@ -5,12 +5,13 @@ then a shared separable predict conv (bias, no BN/act). No residual at inference
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch.nn as nn
 from torch import Tensor
 
-from .ops import BatchNorm2d, NormLayer, SeparableConv2d, create_act
+from .ops import BatchNorm2d, ConvAct, NormLayer, SeparableConv2d, create_act, fold_bn_into_conv
 
 __all__ = ["HeadNet"]
 
@@ -34,6 +35,7 @@ class HeadNet(nn.Module):
         self.act = create_act(act_type)
         self.num_anchors = num_anchors
         self.predict = self.make_predict(in_ch, out_per_anchor)
+        self.fused: nn.ModuleList | None = None  # [repeat][level] after fuse_for_inference
 
     def make_predict(self, in_ch: int, out_per_anchor: int) -> SeparableConv2d:
         """The shared predict conv; the class head's bias starts at the 0.01 prior (training init
@@ -46,10 +48,29 @@ class HeadNet(nn.Module):
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         outs = []
         for j, x in enumerate(feats):
-            for conv, bns in zip(self.convs, self.bns):
-                x = self.act(bns[j](conv(x)))
+            if self.fused is None:
+                for conv, bns in zip(self.convs, self.bns):
+                    x = self.act(bns[j](conv(x)))
+            else:
+                for layers in self.fused:
+                    x = layers[j](x)
             outs.append(self.predict(x))
         return outs
+
+    def fuse_for_inference(self) -> None:
+        """Inference only: repeat ``r`` on level ``j`` becomes the shared depthwise conv, then its own
+        copy of the shared pointwise conv with ``bns[r][j]`` folded in and the activation fused
+        (:class:`ConvAct`): ``fused[r][j] = act ∘ bn_rj ∘ conv_r``, no BN map and no separate
+        activation pass per level."""
+        rows = []
+        for conv, bns in zip(self.convs, self.bns):
+            row = []
+            for bn in bns:
+                pw = copy.deepcopy(conv.conv_pw)
+                fold_bn_into_conv(pw, bn)
+                row.append(nn.Sequential(conv.conv_dw, ConvAct(pw, self.act)))
+            rows.append(nn.ModuleList(row))
+        self.fused = nn.ModuleList(rows)
 
     def tf_names(self) -> dict[str, str]:
         k = self.kind

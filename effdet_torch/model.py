@@ -47,11 +47,10 @@ class EfficientDet(nn.Module):
         return getattr(self, "_fused", False)
 
     def fuse_for_inference(self) -> "EfficientDet":
-        """Inference only, in place: the backbone's and BiFPN's BNs folded into the convs before them,
-        the backbone's conv → act pairs single oneDNN calls on the CPU
-        (:class:`~effdet_torch.ops.ConvAct`) and its SE gates applied to the project convs' weights
-        (:class:`~effdet_torch.backbone.ExcitedProjection`). The heads' per-level BNs after a
-        shared conv stay (folding them into per-level conv copies bought 0.5 ms of d0's 64).
+        """Inference only, in place: every BN folded into the conv before it (the heads' per-level BNs
+        into per-level copies of their shared pointwise convs), conv → act pairs of the backbone and
+        heads single oneDNN calls on the CPU (:class:`~effdet_torch.ops.ConvAct`) and the SE gates
+        applied to the project convs' weights (:class:`~effdet_torch.backbone.ExcitedProjection`).
         d0 at 512² on 2 CPU threads: 89 → ~62 ms per image; each step in README "Speed".
         Outputs change by fp32 rounding only (every golden passes through it,
         ``tests/test_golden_parity.py``). The model can no longer train, and its state dict is no
@@ -60,6 +59,8 @@ class EfficientDet(nn.Module):
             self.eval()
             self.backbone.fuse_for_inference()
             self.fpn.fuse_for_inference()
+            self.class_net.fuse_for_inference()
+            self.box_net.fuse_for_inference()
             self._fused = True
         return self
 

@@ -64,7 +64,13 @@ def _points(model: EfficientDet, detailed: bool) -> list[TapPoint]:
                             tuple(f"fpn/cell{i}/level{l}" for l in levels)))
     for head_name in ("class_net", "box_net"):
         head = getattr(model, head_name)
-        if detailed:
+        if detailed and head.fused is not None:  # fuse_for_inference: one module per repeat and level
+            for r, layers in enumerate(head.fused):
+                for j, (layer, lvl) in enumerate(zip(layers, levels)):
+                    name = f"{head_name}/repeat{r}/level{lvl}"
+                    pts.append(TapPoint(layer, lambda out, name=name: {name: out}, f"{head_name}.fused.{r}.{j}",
+                                        (name,)))
+        elif detailed:
             for r, bns in enumerate(head.bns):
                 for j, (bn, lvl) in enumerate(zip(bns, levels)):
                     name = f"{head_name}/repeat{r}/level{lvl}"
