@@ -211,8 +211,8 @@ class ConvAct(nn.Module):
     """Inference only: ``act(conv(x))`` (the conv's BN folded in) as ONE oneDNN convolution with the
     activation as its post-op, on the CPU in float32 without autograd; elsewhere the conv, then the
     activation in place. One pass over the output instead of two: d0's backbone at 512² on 2 CPU
-    threads, 41 → 39 ms. oneDNN's swish rounds its own way (fp32 noise; every golden passes through
-    the fused model); ReLU6 is a clamp, exact either way. ``[B, C_in, H, W] → [B, C_out, H', W']``.
+    threads, 41 → 39 ms. oneDNN's swish rounds its own way (fp32 noise: see
+    ``EfficientDet.fuse_for_inference`` for how the fused model is proven); ReLU6 is a clamp, exact. ``[B, C_in, H, W] → [B, C_out, H', W']``.
     """
 
     def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
