@@ -54,8 +54,8 @@ class EfficientDet(nn.Module):
         d0 at 512² on 2 CPU threads: 89 → ~62 ms per image; each step in README "Speed".
         Outputs change by fp32 rounding only: the bundled d0 goldens pass through it
         (``tests/test_golden_parity.py``), and at every tap it is as close to the official float64
-        run as the official fp32 run is (``tests/test_fp64_parity.py``). The model can no longer train, and its state dict is no
-        longer the official layout: convert and save unfused models."""
+        run as the official fp32 run is (``tests/test_fp64_parity.py``). The model can no longer
+        train, and its state dict is no longer the official layout: convert and save unfused models."""
         if not self.fused_for_inference:
             self.eval()
             self.backbone.fuse_for_inference()

@@ -101,8 +101,6 @@ class Conv2dSame(nn.Conv2d):
         return (F.pad(self.weight, kernel_pad) if any(kernel_pad) else self.weight), padding
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._dynamic:
-            return super().forward(x)
         weight, padding = self.weight_and_padding(x)
         return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
@@ -212,7 +210,8 @@ class ConvAct(nn.Module):
     activation as its post-op, on the CPU in float32 without autograd; elsewhere the conv, then the
     activation in place. One pass over the output instead of two: d0's backbone at 512² on 2 CPU
     threads, 41 → 39 ms. oneDNN's swish rounds its own way (fp32 noise: see
-    ``EfficientDet.fuse_for_inference`` for how the fused model is proven); ReLU6 is a clamp, exact. ``[B, C_in, H, W] → [B, C_out, H', W']``.
+    ``EfficientDet.fuse_for_inference`` for how the fused model is proven); ReLU6 is a clamp, exact.
+    ``[B, C_in, H, W] → [B, C_out, H', W']``.
     """
 
     def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:

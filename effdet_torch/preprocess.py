@@ -29,7 +29,7 @@ def preprocess_image(image: np.ndarray | Tensor, image_size: tuple[int, int], me
                      device: torch.device | str | None = None) -> tuple[Tensor, np.float32]:
     """``[h, w, 3]`` uint8 RGB → (``[1, 3, H, W]`` float32 network input in channels_last memory,
     ``image_scale``). A uint8 image for the CPU takes one compiled pass (:func:`_normalise_resize`,
-    the same float32 operations in the same order: bit-identical, 6.4 → ~2 ms for a VGA photo);
+    the same float32 operations in the same order: bit-identical, 7.8 → 2.6 ms for a VGA photo);
     other inputs the torch operations below."""
     if not isinstance(image, Tensor):
         image = np.asarray(image)
