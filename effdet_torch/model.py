@@ -14,6 +14,7 @@ from .backbone import EfficientNetBackbone
 from .bifpn import BiFpn
 from .checkpoint import load_checkpoint, num_classes_of
 from .config import EfficientDetConfig, get_config
+from .float_env import flush_denormals
 from .head import HeadNet
 from .ops import tf_batch_norm
 from .postprocess import flatten_outputs
@@ -107,14 +108,20 @@ def iter_network(model: nn.Module, x: Tensor) -> Iterator[tuple[int, Tensor, Ten
     (measured, d0 at 512², one thread: 136 ms per image at batch 1, 245 ms at batch 8 — SiLU 33→58,
     BN 23→45, convs 47→75 ms per image), and gathering a batch's heads (``[8, 49104, 90]`` floats,
     141 MB) costs page faults of its own. An image's outputs then do not depend on its batch. GPUs
-    (and training) take the batch whole: one chunk.
+    (and training) take the batch whole: one chunk. On the CPU the network runs with denormals
+    flushed to zero, as TensorFlow's CPU kernels do (:func:`~effdet_torch.float_env.flush_denormals`).
     """
     c = model.config.num_classes
+
+    def heads(x: Tensor) -> tuple[Tensor, Tensor]:
+        with flush_denormals(x.device):  # TF's CPU float environment (effdet_torch/float_env.py)
+            return flatten_outputs(*model(x), c)
+
     if x.device.type != "cpu" or x.shape[0] <= 1 or model.training:
-        yield (0, *flatten_outputs(*model(x), c))
+        yield (0, *heads(x))
         return
     for i in range(x.shape[0]):
-        yield (i, *flatten_outputs(*model(x[i:i + 1]), c))
+        yield (i, *heads(x[i:i + 1]))
 
 
 def run_network(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from effdet_torch.float_env import flush_denormals
 from effdet_torch.model import EfficientDet
 
 from .distributed import all_reduce_sum, world_size
@@ -71,7 +72,12 @@ class Trainer:
 
     @torch.enable_grad()
     def step(self, images: Tensor, targets: AnchorTargets) -> StepOutput:
-        """Forward, clipped gradients, one optimizer update (and EMA update); returns what was used."""
+        """Forward, clipped gradients, one optimizer update (and EMA update); returns what was used.
+        On the CPU in TensorFlow's float environment: denormals flushed to zero (:mod:`effdet_torch.float_env`)."""
+        with flush_denormals(images.device):
+            return self._step(images, targets)
+
+    def _step(self, images: Tensor, targets: AnchorTargets) -> StepOutput:
         losses, cls_out, box_out = self.forward_loss(images, targets)
         names = ("cls_loss", "box_loss", "det_loss")
         parts = all_reduce_sum(torch.stack([losses[k].detach() for k in names]))  # the global batch's terms
