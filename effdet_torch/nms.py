@@ -8,7 +8,11 @@ details a generic soft-NMS does not share, so this module reproduces the op's co
   cut at ``iou_threshold``; in hard mode (sigma 0) ``iou > iou_threshold`` removes it;
 - comparison stops as soon as the score drops to ``<= score_threshold`` (the candidate is dropped);
 - an unchanged score means the candidate is selected; a lowered one goes back into the queue;
-- IoU uses the min/max of each box's corners and is 0 when either area is ``<= 0``.
+- IoU uses the min/max of each box's corners and is 0 when either area is ``<= 0``;
+- the arithmetic runs in TF's CPU float environment, denormals flushed to zero
+  (:mod:`effdet_torch.float_env`): a score decayed below ``FLT_MIN`` is 0, so with a score threshold
+  of 0 it is dropped, and a negative threshold returns it as 0. With any threshold ``>= FLT_MIN``
+  (the official 0.001) flushing changes nothing.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import ctypes
 import heapq
 
 import numpy as np
+
+from .float_env import flush_denormals
 
 __all__ = ["expf", "iou_one_to_many", "non_max_suppression_v5"]
 
@@ -77,6 +83,12 @@ def non_max_suppression_v5(boxes: np.ndarray, scores: np.ndarray, max_output_siz
 
     ``boxes [N, 4]``, ``scores [N]``; padding to ``max_output_size`` is the caller's business.
     """
+    with flush_denormals():
+        return _nms_v5(boxes, scores, max_output_size, iou_threshold, score_threshold, soft_nms_sigma)
+
+
+def _nms_v5(boxes: np.ndarray, scores: np.ndarray, max_output_size: int, iou_threshold: float,
+            score_threshold: float, soft_nms_sigma: float) -> tuple[np.ndarray, np.ndarray]:
     boxes = np.ascontiguousarray(boxes, dtype=np.float32)
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     if iou_threshold < 0 or iou_threshold > 1:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .float_env import flush_denormals
+
 __all__ = ["expf_compiled", "nms_v5_groups"]
 
 _F0 = np.float32(0.0)
@@ -212,9 +214,10 @@ def nms_v5_groups(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, num
         return out_idx, out_scores, counts
     if groups.min() < 0 or groups.max() >= g:
         raise ValueError(f"groups must lie in [0, {g}), got values in [{groups.min()}, {groups.max()}]")
-    ranked, gstart, gend = _ranked_candidates(scores, groups, g, np.float32(score_threshold))
     soft = soft_nms_sigma > 0.0
     scale = np.float32(-0.5) / np.float32(soft_nms_sigma) if soft else np.float32(0)
-    _kernel(_geometry(boxes), scores, ranked, gstart, gend, k, np.float32(iou_threshold),
-            np.float32(score_threshold), scale, soft, out_idx, out_scores, counts)
+    with flush_denormals():  # TF's CPU float environment, as the reference (effdet_torch/nms.py)
+        ranked, gstart, gend = _ranked_candidates(scores, groups, g, np.float32(score_threshold))
+        _kernel(_geometry(boxes), scores, ranked, gstart, gend, k, np.float32(iou_threshold),
+                np.float32(score_threshold), scale, soft, out_idx, out_scores, counts)
     return out_idx, out_scores, counts

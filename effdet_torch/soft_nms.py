@@ -29,6 +29,13 @@ float32, which is the correctly rounded result; glibc's ``expf`` has a maximal e
 it can only differ where ``exp(x)`` lies within 0.002 ulp of a midpoint between two floats
 (measured over all 1.07e9 floats in [-2, 0], glibc 2.36: 68 848 differ, all within 0.0017 ulp).
 Inputs within 0.01–0.02 ulp of a midpoint (~0.8 % of them) are recomputed with the scalar C ``expf``.
+
+Denormals: TF's kernel runs with them flushed to zero (:mod:`effdet_torch.float_env`), so a score
+below ``FLT_MIN`` — given, or decayed there — is 0 and, with a score threshold of 0, dropped. On the
+CPU the whole computation runs in that environment; on CUDA the scores are flushed explicitly
+(given ones, and each decayed product: its factors lie in [0, 1], so flushing the final product
+equals flushing every partial one). Box geometry is left to IEEE there: coordinates within 1e-38 of
+each other are not boxes. With a threshold ``>= FLT_MIN`` (the official 0.001) nothing changes.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .float_env import flush_denormals
 from .nms import expf as _libm_expf
 
 __all__ = ["expf_exact", "batched_nms_v5"]
@@ -45,6 +53,12 @@ __all__ = ["expf_exact", "batched_nms_v5"]
 _DELTA = 0.01 * 2.0**-23
 _NEG = torch.iinfo(torch.int64).min
 _LOW = (1 << 31) - 1
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def _flushed(scores: Tensor) -> Tensor:
+    """Non-negative float32 scores with denormals flushed to zero, as TF's CPU kernels see them."""
+    return torch.where(scores < _TINY, 0.0, scores)
 
 
 def expf_exact(x: Tensor) -> Tensor:
@@ -127,14 +141,15 @@ def batched_nms_v5(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: in
                    soft_nms_sigma: float = 0.0, window: int = 256) -> tuple[Tensor, Tensor, Tensor]:
     """See :func:`_batched_nms_v5`. On the CPU it runs on one intra-op thread: its tensors are small
     and a parallel region per op made it 11× slower on a loaded 2-core machine (measured)."""
-    if boxes.device.type != "cpu" or torch.get_num_threads() == 1:
+    if boxes.device.type != "cpu":
         return _batched_nms_v5(boxes, scores, groups, num_groups, max_output_size, iou_threshold,
                                score_threshold, soft_nms_sigma, window)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _batched_nms_v5(boxes, scores, groups, num_groups, max_output_size, iou_threshold,
-                               score_threshold, soft_nms_sigma, window)
+        with flush_denormals():
+            return _batched_nms_v5(boxes, scores, groups, num_groups, max_output_size, iou_threshold,
+                                   score_threshold, soft_nms_sigma, window)
     finally:
         torch.set_num_threads(threads)
 
@@ -165,7 +180,7 @@ def _batched_nms_v5(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: i
     thr = float(np.float32(score_threshold))
     decay = _Decay(soft_nms_sigma, iou_threshold, dev)
     scores = scores.to(torch.float32)
-    cand = torch.nonzero(scores > thr).reshape(-1)
+    cand = torch.nonzero(_flushed(scores) > thr).reshape(-1)  # a denormal score reads as 0
     if k == 0 or cand.numel() == 0:
         return out_idx, out_scores, counts
 
@@ -223,7 +238,7 @@ def _batched_nms_v5(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: i
         cont = torch.nonzero(dirty & (key > best_clean[grp])).reshape(-1)
         best = best_clean
         if cont.numel():
-            u = _decayed(_key_score(key[cont]), pend, npend[cont], cont * k - 1)
+            u = _flushed(_decayed(_key_score(key[cont]), pend, npend[cont], cont * k - 1))
             ukey = torch.where(u > thr, _keys(u, pos[cont]), _NEG)  # dropped: gone
             best = best_clean.scatter_reduce(0, grp[cont], ukey, "amax")
         open_ = counts < k
