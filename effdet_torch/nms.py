@@ -11,8 +11,10 @@ details a generic soft-NMS does not share, so this module reproduces the op's co
 - IoU uses the min/max of each box's corners and is 0 when either area is ``<= 0``;
 - the arithmetic runs in TF's CPU float environment, denormals flushed to zero
   (:mod:`effdet_torch.float_env`): a score decayed below ``FLT_MIN`` is 0, so with a score threshold
-  of 0 it is dropped, and a negative threshold returns it as 0. With any threshold ``>= FLT_MIN``
-  (the official 0.001) flushing changes nothing.
+  of 0 it is dropped, and a given one reads as 0 (not a candidate). Tested against TF for thresholds
+  ``>= 0``; with any threshold ``>= FLT_MIN`` (the official 0.001) flushing changes nothing. Left
+  alone: *given* scores below ``FLT_MIN`` with a negative threshold, which TF's kernel returns raw or
+  as 0 depending on whether its loop happened to multiply them (by a decay, or by 1.0 in hard mode).
 """
 from __future__ import annotations
 
