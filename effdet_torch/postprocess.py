@@ -39,9 +39,17 @@ class Detections:
     valid_len: Tensor
 
     @staticmethod
-    def cat(parts: "list[Detections]") -> "Detections":
-        """The detections of consecutive chunks of a batch, as one batch."""
-        return Detections(*(torch.cat([getattr(p, f) for p in parts]) for f in ("boxes", "scores", "classes", "valid_len")))
+    def empty(batch: int, k: int, device: torch.device | str = "cpu") -> "Detections":
+        """``batch`` images' worth of ``k`` rows, to be filled with :meth:`put`."""
+        f32 = dict(dtype=torch.float32, device=device)
+        return Detections(torch.zeros(batch, k, 4, **f32), torch.zeros(batch, k, **f32), torch.zeros(batch, k, **f32),
+                          torch.zeros(batch, dtype=torch.int64, device=device))
+
+    def put(self, first: int, part: "Detections") -> None:
+        """Copy ``part``'s images into images ``first, first + 1, …`` of this batch."""
+        n = part.valid_len.shape[0]
+        for f in ("boxes", "scores", "classes", "valid_len"):
+            getattr(self, f)[first:first + n] = getattr(part, f)
 
     def __getitem__(self, b: int) -> dict[str, np.ndarray]:
         """The valid rows of image ``b`` as numpy arrays."""

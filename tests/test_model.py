@@ -170,12 +170,14 @@ def test_detector_batch_equals_single_images():
     det = Detector(create_model("d0", image_size=64).eval())
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8) for i in range(3)]
+    x, scales = det.preprocess(images)
     for per_class in (False, True):
-        batch = det(images, per_class=per_class)
+        batches = (det(images, per_class=per_class), det.detect_tensor(x, scales, per_class=per_class))
         for i, img in enumerate(images):
             one = det([img], per_class=per_class)
-            for f in ("boxes", "scores", "classes", "valid_len"):
-                assert torch.equal(getattr(batch, f)[i:i + 1], getattr(one, f)), (per_class, i, f)
+            for batch in batches:  # from uint8 photos, and from a preprocessed batch
+                for f in ("boxes", "scores", "classes", "valid_len"):
+                    assert torch.equal(getattr(batch, f)[i:i + 1], getattr(one, f)), (per_class, i, f)
 
 
 @pytest.mark.parametrize("fold", [False, True])
