@@ -9,7 +9,7 @@ run on, restored afterwards. Only values below ``FLT_MIN`` (1.2e-38) differ.
 
 Where it shows: the real d0 checkpoint on real photos produces no denormal activation at all, but
 randomly initialised deep variants do, in the zero padding of letterboxed images (d7x at 1536²:
-~1 % of the backbone's late activations), and they cost our d7x forward 10.0 → 7.0 s.
+~1 % of the backbone's late activations), and they cost our d7x forward 6.6 → 9.6 s (same run).
 
 The bits are per thread (``torch.set_flush_denormal`` sets the calling thread's only), so on
 x86-64 Linux the OpenMP runtime torch loaded (libgomp, or Intel's or LLVM's, which export the same
