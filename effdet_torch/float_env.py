@@ -24,6 +24,7 @@ import ctypes
 import platform
 import re
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -47,10 +48,11 @@ def _team_setmode():
         libm = ctypes.CDLL("libm.so.6")
         setmode, getmode = libm.fesetmode, libm.fegetmode  # glibc >= 2.25
         with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if re.search(r"/lib[gi]?omp[^/]*\.so", line)})
+            paths = {line.split()[-1] for line in f if re.search(r"/lib[gi]?omp[^/]*\.so", line)}
     except (OSError, AttributeError):
         return None
-    for path in paths:
+    torch_lib = str(Path(torch.__file__).parent)
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_lib), p)):  # torch's own runtime first
         try:
             parallel = ctypes.CDLL(path).GOMP_parallel  # already loaded: the same runtime, the same pools
         except (OSError, AttributeError):
