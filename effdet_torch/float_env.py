@@ -14,7 +14,7 @@ randomly initialised deep variants do, in the zero padding of letterboxed images
 The bits are per thread (``torch.set_flush_denormal`` sets the calling thread's only), so on
 x86-64 Linux the OpenMP runtime torch loaded (libgomp, or Intel's or LLVM's, which export the same
 entry point) runs glibc's ``fesetmode`` on every thread of the caller's team through
-``GOMP_parallel``: the C library's own call on each thread, no Python, ~3 µs a block. Elsewhere
+``GOMP_parallel``: the C library's own call on each thread, no Python (~8 µs a block). Elsewhere
 only the calling thread is set.
 """
 from __future__ import annotations
