@@ -166,13 +166,24 @@ def reduce_candidates(cls: Tensor, box: Tensor, k: int) -> tuple[Tensor, Tensor,
 
     Exact for the top-``k`` selection (rows keep their order, so ties still go to the lower index);
     runs on ``cls``'s device, so only ``M ≪ N`` rows need to leave it.
+
+    The ``k``-th largest pair is found among the anchors whose best logit reaches the ``k``-th
+    largest best logit ``t_a``: those ``k`` anchors hold ``k`` pairs ``>= t_a``, so the ``k``-th
+    largest pair is ``>= t_a`` and every pair above it lies in them. d0's ``[49104, 90]`` at
+    ``k = 5000``: 57 → 6.5 ms (one top-k over 4.4 M logits before).
     """
     n, c = cls.shape
     if n * c <= k:
         idx = torch.arange(n, device=cls.device)
     else:
-        kth = torch.topk(cls.reshape(-1), k, sorted=False).values.min()
-        idx = torch.nonzero((cls >= kth).any(dim=1)).reshape(-1)
+        best = cls.amax(dim=1)
+        pre = torch.nonzero(best >= torch.topk(best, min(k, n), sorted=False).values.min()).reshape(-1)
+        if pre.numel() * c < k:  # only with NaN logits (then t_a is NaN): one top-k over all, as defined
+            kth = torch.topk(cls.reshape(-1), k, sorted=False).values.min()
+            idx = torch.nonzero((cls >= kth).any(dim=1)).reshape(-1)
+        else:
+            kth = torch.topk(cls.index_select(0, pre).reshape(-1), k, sorted=False).values.min()
+            idx = pre[best.index_select(0, pre) >= kth]
     return idx, cls.index_select(0, idx), box.index_select(0, idx)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from evaluation.coco import (
     COCO_METRIC_NAMES,
@@ -197,6 +199,30 @@ def test_reduced_candidates_give_identical_detections():
     rows = postprocess_reduced(cfg, 5, 1.7, c_r.numpy(), b_r.numpy(), anchors[idx.numpy()])
     ref = rows_to_array(5, full["boxes"], full["scores"], full["classes"])
     np.testing.assert_array_equal(rows, ref)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 300), c=st.integers(1, 12), k=st.integers(1, 400),
+       levels=st.sampled_from([2, 5, 1000]), nan=st.booleans())
+def test_reduce_candidates_is_the_definition(seed, n, c, k, levels, nan):
+    """Oracle: the definition — the anchors holding a pair ``>=`` the k-th largest of all ``n·c``
+    logits (one top-k over all of them), in anchor order. ``levels`` quantises the logits into
+    few values (ties at the cut, many anchors sharing the k-th best logit); ``nan`` plants NaNs
+    (a broken network: the minimum of the top k is then NaN, and no anchor is selected)."""
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.floor(torch.rand(n, c, generator=g) * levels)
+    if nan:
+        cls[torch.rand(n, c, generator=g) < 0.01] = float("nan")
+    box = torch.randn(n, 4, generator=g)
+    if n * c <= k:
+        want = torch.arange(n)
+    else:
+        kth = torch.topk(cls.reshape(-1), k).values.min()
+        want = torch.nonzero((cls >= kth).any(dim=1)).reshape(-1)
+    idx, c_r, b_r = reduce_candidates(cls, box, k)
+    assert torch.equal(idx, want)
+    torch.testing.assert_close(c_r, cls[want], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(b_r, box[want])
 
 
 # ------------------------------------------------------------------ the command, end to end
