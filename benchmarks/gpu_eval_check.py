@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--image-size", type=int, default=512, help="network input (d0's own size is 512)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--workers", default="auto")
     p.add_argument("--post-workers", default="auto")
     p.add_argument("--json", default=None, help="also write the numbers here")
     p.add_argument("--save-rows", default=None, help="write both runs' eval rows (.npz) for a closer look")

@@ -32,6 +32,19 @@ def variant_type(name: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def count_or_auto(value: str) -> int | str:
+    """``auto`` or a whole number ``>= 0`` (process counts)."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 0, got {value!r}")
+    return n
+
+
 def add_variant(p: argparse.ArgumentParser, required: bool = True, default: str | None = None,
                 nargs: str | None = None, help: str | None = None) -> None:
     """``--variant NAME`` (resolved to the full official name)."""

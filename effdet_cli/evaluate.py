@@ -16,7 +16,6 @@ Exit status: 0 ok; 1 ``--expect-official`` failed (``|ΔAP| > 0.1``); 2 usage er
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Sequence
 
@@ -34,7 +33,8 @@ from evaluation.coco import (
 )
 from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
 
-from .common import EXIT_FAILED, EXIT_USAGE, add_compile, add_device, add_output, add_variant, add_weights, error, parse_args
+from .common import (EXIT_FAILED, EXIT_USAGE, add_compile, add_device, add_output, add_variant, add_weights,
+                     count_or_auto, error, parse_args)
 
 PROG = "effdet-eval"
 
@@ -96,10 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", default=None, help="network input size: N or the official 'WxH' (default: the variant's)")
     add_output(p, help="write the COCO-format detections (results JSON) here")
     p.add_argument("--metrics-out", default=None, help="write the 12 numbers and the run's facts as JSON here")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader worker processes for decoding/preprocessing (0: in the main process)")
-    p.add_argument("--post-workers", default="auto",
-                   help="processes for the soft-NMS (0: in the main process; auto: a pool from 32 images on)")
+    p.add_argument("--workers", type=count_or_auto, default="auto",
+                   help="DataLoader worker processes for decoding/preprocessing (0: in the main process; auto: "
+                        "up to 4 of the CPUs the network leaves free — on --device cpu its threads take every "
+                        "core, so none by default)")
+    p.add_argument("--post-workers", type=count_or_auto, default="auto",
+                   help="processes for the soft-NMS (0: in the main process; auto: from 32 images on, half "
+                        "the CPUs the network leaves free)")
     p.add_argument("--category-map", choices=("auto", "coco", "sorted"), default="auto",
                    help="class→category id: coco = identity (official 90-class ids), sorted = i-th category "
                         "of the annotation file by id; auto = coco for 90-class models on ids within 1..90")

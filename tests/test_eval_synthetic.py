@@ -225,6 +225,22 @@ def test_reduce_candidates_is_the_definition(seed, n, c, k, levels, nan):
     assert torch.equal(b_r, box[want])
 
 
+def test_auto_process_counts_use_the_cpus_the_network_leaves(monkeypatch):
+    """The documented rule (README "COCO evaluation"): a CPU network's threads take their cores;
+    loader processes get up to 4 of the rest, the NMS pool half of the rest from 32 images on."""
+    import evaluation.evaluate as ev
+
+    monkeypatch.setattr(ev.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(ev.torch, "get_num_threads", lambda: 8)
+    assert (ev.resolve_workers("auto", cpu), ev.resolve_post_workers("auto", 5000, cpu)) == (0, 0)
+    monkeypatch.setattr(ev.torch, "get_num_threads", lambda: 4)
+    assert (ev.resolve_workers("auto", cpu), ev.resolve_post_workers("auto", 5000, cpu)) == (4, 2)
+    assert ev.resolve_post_workers("auto", 31, cpu) == 0  # too little work to pay for spawning
+    assert (ev.resolve_workers("auto", gpu), ev.resolve_post_workers("auto", 5000, gpu)) == (4, 4)
+    assert (ev.resolve_workers(3, cpu), ev.resolve_post_workers(5, 10, cpu)) == (3, 5)  # given: as given
+
+
 # ------------------------------------------------------------------ the command, end to end
 
 
