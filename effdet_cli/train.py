@@ -31,7 +31,8 @@ from evaluation.evaluate import dist_info
 from training.engine import Engine, TrainConfig
 from training.project import dataset_paths, load_project, pixel_scale
 
-from .common import EXIT_USAGE, VARIANT_HELP, add_device, add_output, add_weights, error, parse_args, variant_type
+from .common import (EXIT_USAGE, VARIANT_HELP, add_device, add_output, add_weights, error, keep_freed_memory, parse_args,
+                     variant_type)
 
 PROG = "effdet-train"
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
+    keep_freed_memory()
     if args.amp and not str(args.device).startswith("cuda"):
         return error(PROG, f"--amp needs a CUDA device (--device cuda), not {args.device!r}; on CPU train without --amp",
                      EXIT_USAGE)
