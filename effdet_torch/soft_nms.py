@@ -31,11 +31,11 @@ it can only differ where ``exp(x)`` lies within 0.002 ulp of a midpoint between 
 Inputs within 0.01–0.02 ulp of a midpoint (~0.8 % of them) are recomputed with the scalar C ``expf``.
 
 Denormals: TF's kernel runs with them flushed to zero (:mod:`effdet_torch.float_env`), so a score
-below ``FLT_MIN`` — given, or decayed there — is 0 and, with a score threshold of 0, dropped. On the
-CPU the whole computation runs in that environment; on CUDA the scores are flushed explicitly
-(given ones, and each decayed product: its factors lie in [0, 1], so flushing the final product
-equals flushing every partial one). Box geometry is left to IEEE there: coordinates within 1e-38 of
-each other are not boxes. With a threshold ``>= FLT_MIN`` (the official 0.001) nothing changes.
+below ``FLT_MIN`` — given, or decayed there — is 0 and, with a score threshold of 0, dropped. Here
+the scores are flushed explicitly, on every device alike (given ones, and each decayed product: its
+factors lie in [0, 1], so flushing the final product equals flushing every partial one). Box
+geometry stays IEEE: coordinates within 1e-38 of each other are not boxes. With a threshold
+``>= FLT_MIN`` (the official 0.001) nothing changes.
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .float_env import flush_denormals
 from .nms import expf as _libm_expf
 
 __all__ = ["expf_exact", "batched_nms_v5"]
@@ -141,15 +140,14 @@ def batched_nms_v5(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: in
                    soft_nms_sigma: float = 0.0, window: int = 256) -> tuple[Tensor, Tensor, Tensor]:
     """See :func:`_batched_nms_v5`. On the CPU it runs on one intra-op thread: its tensors are small
     and a parallel region per op made it 11× slower on a loaded 2-core machine (measured)."""
-    if boxes.device.type != "cpu":
+    if boxes.device.type != "cpu" or torch.get_num_threads() == 1:
         return _batched_nms_v5(boxes, scores, groups, num_groups, max_output_size, iou_threshold,
                                score_threshold, soft_nms_sigma, window)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with flush_denormals():
-            return _batched_nms_v5(boxes, scores, groups, num_groups, max_output_size, iou_threshold,
-                                   score_threshold, soft_nms_sigma, window)
+        return _batched_nms_v5(boxes, scores, groups, num_groups, max_output_size, iou_threshold,
+                               score_threshold, soft_nms_sigma, window)
     finally:
         torch.set_num_threads(threads)
 

@@ -222,8 +222,8 @@ def resolve_post_workers(post_workers: int | str | None, num_images: int, device
     if post_workers in (None, "auto"):
         if num_images < 32:
             return 0
-        spare = spare_cpus(device)
-        return min(8, spare // 2) if device.type == "cpu" else max(1, min(8, spare // 2))
+        n = min(8, spare_cpus(device) // 2)
+        return n if device.type == "cpu" else max(1, n)
     return max(0, int(post_workers))
 
 
