@@ -21,6 +21,12 @@ fi
 stamp=".venv/.effdet-setup-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing effdet-parity with its [tf,test] extras into .venv (first run: a few minutes)"
+  # The venv takes ~8.5 GB (torch 2.14.1 is a CUDA build, ~5.5 GB; TensorFlow ~2 GB); pip fails
+  # half-way with "[Errno 28] No space left on device" when less is free, so say so first.
+  free_kb=$(df -Pk .venv | awk 'NR==2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((10 * 1024 * 1024)) ]; then
+    echo "setup: warning: $((free_kb / 1024)) MiB free where .venv lives; the install needs about 10 GB" >&2
+  fi
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[tf,test]"
   rm -f .venv/.effdet-setup-*
