@@ -5,7 +5,7 @@ Layout is NCHW throughout; every docstring names the TF behaviour the module rep
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,23 @@ __all__ = [
 ]
 
 
+_SizeFn = TypeVar("_SizeFn", bound=Callable[..., Any])
+
+
+def per_input_size(fn: _SizeFn) -> _SizeFn:
+    """Cache a pure function of sizes, so each input size is resolved once (a dictionary look-up on
+    the hot path). Under ``torch.compile`` the plain function is traced instead: dynamo does not
+    trace through ``lru_cache`` (it warns and calls the wrapped function anyway), and the function
+    is pure, so both give the same answer."""
+    cached = functools.lru_cache(maxsize=1024)(fn)
+
+    @functools.wraps(fn)
+    def resolve(*sizes: int) -> Any:
+        return fn(*sizes) if torch.compiler.is_compiling() else cached(*sizes)
+
+    return cast(_SizeFn, resolve)
+
+
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
     """TF ``padding='SAME'`` along one axis: ``(before, after)``.
 
@@ -43,7 +60,7 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
-@functools.lru_cache(maxsize=1024)
+@per_input_size
 def same_pad_lrtb(h: int, w: int, kh: int, kw: int, sh: int, sw: int) -> tuple[int, int, int, int] | None:
     """``F.pad`` argument ``(left, right, top, bottom)`` of TF SAME for an ``h×w`` input, or None
     when no padding is needed; resolved once per input size (cached), so the hot path does a
@@ -60,7 +77,7 @@ def _static_same(kernel: int, stride: int) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=1024)
+@per_input_size
 def same_conv_geometry(h: int, w: int, kh: int, kw: int, sh: int, sw: int) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
     """TF SAME for an ``h×w`` input as a convolution with symmetric padding and a zero-extended
     kernel: ``(kernel pad (left, right, top, bottom), padding (ph, pw))``. Resolved once per input
@@ -242,7 +259,7 @@ class MaxPool2dSame(nn.Module):
         return max_pool2d_same(x, self.kernel_size, self.stride)
 
 
-@functools.lru_cache(maxsize=1024)
+@per_input_size
 def _pool_geometry(h: int, w: int, kh: int, kw: int, sh: int, sw: int) -> tuple[tuple[int, int], bool] | None:
     """TF SAME max-pool as ``F.max_pool2d``'s own implicit ``-inf`` padding: ``(padding, ceil_mode)``,
     or None when it cannot say it (then the input is padded explicitly). Per axis SAME pads
