@@ -13,7 +13,7 @@ from effdet_torch.checkpoint import num_classes_of
 from effdet_torch.config import VARIANTS, parse_image_size, resolve_variant_name
 from effdet_torch.files import atomic_write
 from effdet_torch.model import create_model, load_checkpoint
-from export.network import export_program
+from export.network import export_program, save_program
 from export.onnx_export import OPSET, export_onnx
 
 from .common import add_device, add_output, add_variant, add_weights, error, parse_args
@@ -172,7 +172,7 @@ def _torch_export(args: argparse.Namespace) -> int:
     if not err <= CHECK_TOL:
         _err(f"the exported program differs from eager by {err:.2e} (relative) > {CHECK_TOL:g}; nothing written")
         return 1
-    atomic_write(args.output, lambda tmp: torch.export.save(program, tmp))
+    atomic_write(args.output, lambda tmp: save_program(program, tmp))
     print(f"variant     {model.config.name} ({model.config.num_classes} classes), input [batch, 3, {hw[0]}, {hw[1]}]\n"
           f"check       exported program vs eager heads, random batch of 2: max rel. error {err:.1e}\n"
           f"output      {args.output} (torch.export.load(path).module()(x); {time.time() - t0:.0f} s)")

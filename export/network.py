@@ -6,6 +6,10 @@ every BiFPN resample size is a constant of the graph; only the batch dimension s
 """
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -14,7 +18,7 @@ from effdet_torch.anchors import generate_anchors
 from effdet_torch.model import EfficientDet
 from effdet_torch.postprocess import flatten_outputs, pre_nms_global
 
-__all__ = ["ExportNetwork", "export_program", "output_names"]
+__all__ = ["ExportNetwork", "export_program", "output_names", "save_program"]
 
 
 def output_names(model: EfficientDet, decode: bool) -> list[str]:
@@ -65,3 +69,16 @@ def export_program(model: EfficientDet, image_size: tuple[int, int], decode: boo
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad():
         return torch.export.export(net, (x,), dynamic_shapes={"x": {0: batch}}, strict=False)
+
+
+def save_program(program: torch.export.ExportedProgram, f: str | Path | BinaryIO) -> None:
+    """``torch.export.save``, without its warning about channels_last weights.
+
+    The archive writer groups weights by storage and warns "No complete tensor found in the group"
+    for every group without a *contiguous* tensor covering its storage. Our weights are
+    channels_last (the fast CPU layout, which the program keeps): each one covers its own storage
+    exactly, just not in the default memory format, so the tensor it saves is the whole weight.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+        torch.export.save(program, f)
