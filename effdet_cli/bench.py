@@ -122,8 +122,9 @@ def _effdet_bench(variant: str, hw: tuple[int, int], device):
 
 def run_bench(variants: Sequence[str], batches: Sequence[int], image_size=None, repeats: int = 5, warmup: int = 1,
               device: str = "cpu", weights: str | None = None, with_effdet: bool = True,
-              compile: bool = False) -> list[dict]:
-    """One dict per (implementation, variant, size, batch); see the module docstring."""
+              compile: bool = False, on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """One dict per (implementation, variant, size, batch); see the module docstring. ``on_rows``
+    gets each (variant, batch)'s new rows as soon as they are measured (the command prints them)."""
     import numpy as np
     import torch
 
@@ -184,6 +185,8 @@ def run_bench(variants: Sequence[str], batches: Sequence[int], image_size=None, 
                 ours, theirs = rows[-2], rows[-1]
                 ours["network_ratio"] = ours["network_ms"] / theirs["network_ms"]
                 ours["end_to_end_ratio"] = ours["end_to_end_ms"] / theirs["end_to_end_ms"]
+            if on_rows is not None:
+                on_rows(rows[-2:] if base is not None else rows[-1:])
     return rows
 
 
@@ -204,18 +207,18 @@ def machine() -> dict:
     return info
 
 
-def format_table(rows: list[dict]) -> str:
-    head = (f"{'impl':<12} {'variant':<19} {'size':>9} {'batch':>5} {'network ms':>11} {'end-to-end ms':>14} "
-            f"{'img/s':>8} {'peak MiB':>9} {'net ratio':>9} {'e2e ratio':>9}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        size = "x".join(str(s) for s in r["image_size"][::-1])
-        nr = f"{r['network_ratio']:.2f}x" if "network_ratio" in r else ""
-        er = f"{r['end_to_end_ratio']:.2f}x" if "end_to_end_ratio" in r else ""
-        mem = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
-        lines.append(f"{r['impl']:<12} {r['variant']:<19} {size:>9} {r['batch']:>5} {r['network_ms']:>11.1f} "
-                     f"{r['end_to_end_ms']:>14.1f} {r['images_per_s']:>8.2f} {mem:>9} {nr:>9} {er:>9}")
-    return "\n".join(lines)
+_HEAD = (f"{'impl':<12} {'variant':<19} {'size':>9} {'batch':>5} {'network ms':>11} {'end-to-end ms':>14} "
+         f"{'img/s':>8} {'peak MiB':>9} {'net ratio':>9} {'e2e ratio':>9}")
+
+
+def format_row(r: dict) -> str:
+    """One line of the table under :data:`_HEAD`."""
+    size = "x".join(str(s) for s in r["image_size"][::-1])
+    nr = f"{r['network_ratio']:.2f}x" if "network_ratio" in r else ""
+    er = f"{r['end_to_end_ratio']:.2f}x" if "end_to_end_ratio" in r else ""
+    mem = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
+    return (f"{r['impl']:<12} {r['variant']:<19} {size:>9} {r['batch']:>5} {r['network_ms']:>11.1f} "
+            f"{r['end_to_end_ms']:>14.1f} {r['images_per_s']:>8.2f} {mem:>9} {nr:>9} {er:>9}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,16 +240,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"{out} exists (use --force to overwrite)")
     if args.weights and not Path(args.weights).exists():
         return fail(f"--weights {args.weights}: no such file or folder")
-    try:
-        rows = run_bench(args.variant, args.batch, args.image_size, args.repeats, args.warmup, args.device,
-                         args.weights, not args.no_effdet, compile=args.compile)
-    except (ValueError, OSError, RuntimeError) as e:
-        return fail(f"{type(e).__name__}: {e}")
     info = machine()
     print(f"{info['cpu_count']} CPUs, torch {info['torch']} ({info['torch_threads']} threads), device {args.device}"
           f"{', ' + info['cuda_device'] if 'cuda_device' in info else ''}; effdet {info['effdet'] or 'not installed'}; "
           f"median of {args.repeats} interleaved runs; ratio = ours / effdet")
-    print(format_table(rows))
+    print(_HEAD, "-" * len(_HEAD), sep="\n", flush=True)
+    try:  # each row printed as soon as it is measured: a long run shows its progress
+        rows = run_bench(args.variant, args.batch, args.image_size, args.repeats, args.warmup, args.device,
+                         args.weights, not args.no_effdet, compile=args.compile,
+                         on_rows=lambda new: print(*map(format_row, new), sep="\n", flush=True))
+    except (ValueError, OSError, RuntimeError) as e:
+        return fail(f"{type(e).__name__}: {e}")
     if out is not None:
         write_json(out, {"machine": info, "device": args.device, "rows": rows})
         print(f"wrote {out}")

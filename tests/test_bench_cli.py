@@ -15,6 +15,9 @@ def test_bench_smoke_json(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "end-to-end ms" in text and "efficientdet-d0" in text
+    printed = [line.split() for line in text.splitlines() if line.startswith("ours ")]
+    assert [row[3] for row in printed] == ["1", "2"]  # a line per measured row, under the header
+    assert text.index("end-to-end ms") < text.index("\nours ")
     doc = json.loads(out.read_text())
     assert [r["batch"] for r in doc["rows"]] == [1, 2]
     for r in doc["rows"]:
