@@ -53,7 +53,7 @@ __all__ = ["main", "run_bench"]
 PROG = "effdet-bench"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_variant(p, nargs="+", default=["efficientdet-d0"], help=VARIANT_HELP + "; several allowed")
@@ -222,7 +222,7 @@ def format_row(r: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(_parser(), argv)
+    args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
 

@@ -80,7 +80,7 @@ def check_official(variant: str, ap: float, tolerance: float = OFFICIAL_AP_TOLER
     return ok, msg
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="COCO evaluation of an EfficientDet with the official COCO-eval path "
@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(_parser(), argv)
+    args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
     keep_freed_memory()

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 
 from effdet_cli import bench, convert, evaluate, export, infer, parity, train
-from effdet_cli.common import variant_type
+from effdet_cli.common import parse_args, variant_type
 
 REPO = Path(__file__).resolve().parents[1]
 
 PARSERS = {
     "convert-ckpt": convert.build_parser,
     "effdet-infer": infer.build_parser,
-    "effdet-eval": evaluate._parser,
+    "effdet-eval": evaluate.build_parser,
     "effdet-train": train.build_parser,
-    "effdet-bench": bench._parser,
+    "effdet-bench": bench.build_parser,
 }
 SUBCOMMANDS = {
     "effdet-parity": (parity.build_parser, ("golden", "compare", "record", "visualize", "synth-ckpt", "train-golden")),
@@ -117,11 +117,11 @@ def test_bad_input_is_one_error_line_and_exit_1(prog, argv, tmp_path, capsys):
 @pytest.mark.parametrize("make,argv,dest,value", [
     (convert.build_parser, ["d0", "--ckpt", "x"], "weights", "x"),
     (convert.build_parser, ["d0", "--ckpt", "x"], "variant_positional", "efficientdet-d0"),
-    (evaluate._parser, ["--variant", "d0", "--ckpt", "x", "--images", "i", "--annotations", "a", "--out", "r.json"],
+    (evaluate.build_parser, ["--variant", "d0", "--ckpt", "x", "--images", "i", "--annotations", "a", "--out", "r.json"],
      "output", "r.json"),
     (train.build_parser, ["-c", "0", "--load_weights", "last", "--saved_path", "L"], "weights", "last"),
     (train.build_parser, ["-c", "0", "--load-weights", "w.pth", "--saved-path", "L"], "output", "L"),
-    (bench._parser, ["--json", "b.json"], "output", "b.json"),
+    (bench.build_parser, ["--json", "b.json"], "output", "b.json"),
 ])
 def test_old_spellings_still_parse(make, argv, dest, value):
     assert getattr(make().parse_args(argv), dest) == value
@@ -179,3 +179,40 @@ def test_network_commands_keep_freed_memory():
     assert faults["keep"] == (1, faults["keep"][1]) and faults["keep"][1] < 1_000, faults
     for module in (infer, evaluate, train):
         assert "keep_freed_memory()" in inspect.getsource(module.main), module.__name__
+
+
+def _readme_commands() -> list[str]:
+    """Every command line of the README's code blocks (continuation lines joined, comments dropped),
+    and every inline one that names a variant: what a user copies."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    progs = tuple(f"{p} " for p in [*PARSERS, *SUBCOMMANDS])
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if line.startswith(progs):
+                found.append(line)
+    found += [m for m in re.findall(r"`([^`\n]+)`", text) if m.startswith(progs) and "--variant " in m]
+    return found
+
+
+README_COMMANDS = _readme_commands()
+
+
+def test_readme_has_commands():
+    assert len(README_COMMANDS) >= 20 and any(c.startswith("effdet-train ") for c in README_COMMANDS)
+
+
+@pytest.mark.parametrize("line", README_COMMANDS)
+def test_readme_commands_parse(line, capsys):
+    """Each command the README shows parses with today's options (documentation drift is a usage
+    error here, not a user's first experience)."""
+    import shlex
+
+    argv = shlex.split(line, comments=True)
+    prog, argv = argv[0], argv[1:]
+    make = PARSERS.get(prog) or SUBCOMMANDS[prog][0]
+    args = parse_args(make(), argv)
+    assert not isinstance(args, int), f"{line!r}: {capsys.readouterr().err.strip()}"
