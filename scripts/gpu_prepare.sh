@@ -5,7 +5,7 @@
 #                 and omegaconf (effdet-bench's baseline rows), built for the GPU image's Python
 #                 (its image has torch, torchvision, numpy, numba, h5py, Pillow, pytest, hypothesis)
 #   .gpu/golden/  the official chelsea recordings of lite0 and d1 from GOLDEN_DIR (d0's travel in golden/)
-# Then ONE device call: carry [".gpu"], command `bash scripts/gpu_check.sh`, timeout ~540 s.
+# Then ONE device call: carry [".gpu"], command `bash scripts/gpu_check.sh`, timeout_s 590.
 # Usage: bash scripts/gpu_prepare.sh [GOLDEN_DIR [PYTHON_VERSION]]   (defaults ../shared/golden, 3.12)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
