@@ -87,6 +87,10 @@ class TF1Source(CheckpointSource):
             self._cleanup = None
 
 
+#: what h5py raises on a damaged object header, heap, attribute or dataset (found by flipping bits)
+_H5_DAMAGE = (KeyError, OSError, ValueError, RuntimeError, TypeError)
+
+
 class H5Source(CheckpointSource):
     """A Keras ``save_weights`` ``.h5``: ``/<layer>/<weight name incl. ':0'>`` datasets.
 
@@ -104,17 +108,36 @@ class H5Source(CheckpointSource):
             self._f = h5py.File(self.path, "r")
         except OSError as e:
             raise CheckpointError(f"{self.path}: not a readable HDF5 file ({e})") from None
+        try:
+            self._datasets = self._index()
+        except CheckpointError:
+            self._f.close()
+            raise
+        except _H5_DAMAGE as e:
+            # h5py reports a damaged object header, heap or attribute (a flipped byte in the file's
+            # structure) as KeyError/OSError/...; HDF5 keeps no checksums of its own to say more
+            self._f.close()
+            raise CheckpointError(f"{self.path}: damaged HDF5 structure ({type(e).__name__}: {e}); "
+                                  "is the file corrupt or truncated?") from None
+
+    def _index(self) -> dict[str, object]:
+        """``{weight name without ':0': dataset}`` from ``layer_names`` and each layer's ``weight_names``."""
         root = self._f["model_weights"] if "model_weights" in self._f else self._f
         if "layer_names" not in root.attrs:
             raise CheckpointError(f"{self.path}: not a Keras weights file (no 'layer_names' attribute)")
-        self._datasets: dict[str, object] = {}
+        datasets: dict[str, object] = {}
         for layer in _decode_names(root.attrs["layer_names"]):
+            if layer not in root:
+                raise CheckpointError(f"{self.path}: layer_names lists {layer!r}, which the file lacks")
             group = root[layer]
             for wname in _weight_names(group):
                 name = wname[:-2] if wname.endswith(":0") else wname
-                if name in self._datasets:
+                if name in datasets:
                     raise CheckpointError(f"{self.path}: weight {name!r} appears twice")
-                self._datasets[name] = group[wname]
+                if wname not in group:
+                    raise CheckpointError(f"{self.path}: layer {layer!r} lists weight {wname!r}, which it lacks")
+                datasets[name] = group[wname]
+        return datasets
 
     def keys(self) -> list[str]:
         return sorted(self._datasets)
@@ -123,12 +146,13 @@ class H5Source(CheckpointSource):
         return tuple(self._datasets[name].shape)
 
     def read(self, name: str) -> np.ndarray:
+        if name not in self._datasets:
+            raise CheckpointError(f"{self.path}: no weight {name!r}")
         try:
             return np.asarray(self._datasets[name][()])
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no weight {name!r}") from None
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot read {name!r} ({e}); is the file truncated?") from None
+        except _H5_DAMAGE as e:  # a damaged dataset header or data (h5py: OSError, TypeError, ValueError, ...)
+            raise CheckpointError(f"{self.path}: cannot read {name!r} ({type(e).__name__}: {e}); "
+                                  "is the file corrupt or truncated?") from None
 
     def close(self) -> None:
         self._f.close()
