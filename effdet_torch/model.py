@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .backbone import EfficientNetBackbone
 from .bifpn import BiFpn
-from .checkpoint import load_checkpoint, num_classes_of
+from .checkpoint import CheckpointError, load_checkpoint, num_classes_of
 from .config import EfficientDetConfig, get_config
 from .float_env import flush_denormals
 from .head import HeadNet
@@ -197,5 +197,5 @@ def state_dict_mismatch(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[
 def _strict_load(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     parts = state_dict_mismatch(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     if parts:
-        raise ValueError(f"{source}: does not fit {model.config.name}: " + "; ".join(parts))
+        raise CheckpointError(f"{source}: does not fit {model.config.name}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)

@@ -200,3 +200,18 @@ def test_recording_taps_leaves_outputs_bit_identical(fold):
     # the repeat-2 tap is what the next layer consumed: predict(tap) gives the head output
     pred = m.class_net.predict(taps["class_net/repeat2/level3"])
     torch.testing.assert_close(pred, plain[0][0], rtol=0, atol=0)
+
+
+def test_weights_of_another_variant_are_a_checkpoint_error(tmp_path):
+    """create_model refuses a state dict that does not fit with the one checkpoint error (every command
+    reports it as one line), naming the file, the count and the first mismatching shape."""
+    from effdet_torch.checkpoint import CheckpointError
+
+    path = tmp_path / "d0.pth"
+    state = create_model("d0").state_dict()
+    state.pop("backbone.conv_stem.weight")
+    torch.save(state, path)
+    expected = (rf"{path}: does not fit efficientdet-d1: \d+ shape mismatch\(es\), first \S+: checkpoint "
+                r"\(96, 1, 3, 3\) vs model \(16, 1, 3, 3\); \d+ missing, e.g. \['backbone.conv_stem.weight'")
+    with pytest.raises(CheckpointError, match=expected):
+        create_model("d1", checkpoint=path)
