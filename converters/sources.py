@@ -5,10 +5,12 @@ Neither needs TensorFlow.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -56,29 +58,46 @@ class CheckpointSource:
 
 
 class TF1Source(CheckpointSource):
-    """A name-based TF1 checkpoint (``<prefix>.index`` + ``<prefix>.data-*``)."""
+    """A name-based TF1 checkpoint (``<prefix>.index`` + ``<prefix>.data-*``).
+
+    Opened from a release tarball (``archive``), it reads the copy extracted to ``cleanup`` and its
+    errors name the file inside the archive (``efficientdet-d0.tar.gz:efficientdet-d0/model.index``),
+    not the temporary copy that is gone once the error is reported.
+    """
 
     kind = "tf1"
 
-    def __init__(self, path: str | os.PathLike, cleanup: Path | None = None) -> None:
-        self.prefix = resolve_prefix(path)
-        self.path = Path(path)
-        self._reader = TensorBundleReader(self.prefix)
-        self._cleanup = cleanup
-        if "_CHECKPOINTABLE_OBJECT_GRAPH" in self._reader:
-            raise CheckpointError(
-                f"{self.prefix}: an object-based (TF2 tf.train.Checkpoint) checkpoint; the official "
-                "release files are name-based TF1 checkpoints or Keras .h5 files"
-            )
+    def __init__(self, path: str | os.PathLike, cleanup: Path | None = None, archive: Path | None = None) -> None:
+        self._cleanup, self._archive = cleanup, archive
+        with self._naming_the_archive():
+            self.prefix = resolve_prefix(path)
+            self.path = Path(path)
+            self._reader = TensorBundleReader(self.prefix)
+            if "_CHECKPOINTABLE_OBJECT_GRAPH" in self._reader:
+                raise CheckpointError(
+                    f"{self.prefix}: an object-based (TF2 tf.train.Checkpoint) checkpoint; the official "
+                    "release files are name-based TF1 checkpoints or Keras .h5 files"
+                )
+
+    @contextlib.contextmanager
+    def _naming_the_archive(self) -> Iterator[None]:
+        try:
+            yield
+        except CheckpointError as e:
+            if self._archive is None or self._cleanup is None:
+                raise
+            raise type(e)(str(e).replace(f"{self._cleanup}{os.sep}", f"{self._archive}:")) from None
 
     def keys(self) -> list[str]:
         return self._reader.keys()
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._reader.shape(name))
+        with self._naming_the_archive():
+            return tuple(self._reader.shape(name))
 
     def read(self, name: str) -> np.ndarray:
-        return self._reader.read(name)
+        with self._naming_the_archive():
+            return self._reader.read(name)
 
     def close(self) -> None:
         self._reader.close()
@@ -173,16 +192,25 @@ def _weight_names(group) -> list[str]:
     return names
 
 
+#: what tarfile and its decompressors raise on a truncated or damaged archive (EOFError: a gzip/bz2
+#: stream that ends early; zlib.error: damaged deflate data; gzip.BadGzipFile is an OSError)
+_TAR_DAMAGE = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
 def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Extract a tarball, refusing members that escape ``dest`` (``..``, absolute paths, links
     pointing outside, devices). Raises :class:`CheckpointError` naming the member."""
     dest = Path(dest).resolve()
     try:
         tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as e:
+    except _TAR_DAMAGE as e:
         raise CheckpointError(f"{archive}: not a readable tar archive ({e})") from None
     with tar:
-        members = tar.getmembers()
+        try:  # reads the whole archive: a truncated or damaged stream shows here
+            members = tar.getmembers()
+        except _TAR_DAMAGE as e:
+            raise CheckpointError(f"{archive}: cannot read the archive ({type(e).__name__}: {e}); "
+                                  "is it truncated or corrupt?") from None
         for m in members:
             target = (dest / m.name).resolve()
             if not target.is_relative_to(dest):
@@ -195,8 +223,9 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
                 raise CheckpointError(f"{archive}: refusing special member {m.name!r}")
         try:
             tar.extractall(dest, members=members, filter="data")
-        except (tarfile.TarError, OSError) as e:
-            raise CheckpointError(f"{archive}: extraction failed ({e}); is the archive truncated?") from None
+        except _TAR_DAMAGE as e:
+            raise CheckpointError(f"{archive}: extraction failed ({type(e).__name__}: {e}); "
+                                  "is the archive truncated or corrupt?") from None
 
 
 def _find_checkpoint_dir(root: Path, archive: Path) -> Path:
@@ -221,7 +250,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         tmp = Path(tempfile.mkdtemp(prefix="effdet-ckpt-"))
         try:
             safe_extract(p, tmp)
-            return TF1Source(_find_checkpoint_dir(tmp, p), cleanup=tmp)
+            return TF1Source(_find_checkpoint_dir(tmp, p), cleanup=tmp, archive=p)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -320,6 +320,30 @@ def test_missing_index_and_truncated_data(d0_dir, tmp_path, capsys):
     assert not list(tmp_path.glob(".x.pth*"))  # no temporary left behind
 
 
+def test_damaged_tarball_is_one_checkpoint_error(d0_dir, tmp_path):
+    """A release tarball cut short, or with a flipped byte, is one CheckpointError naming the archive
+    (a fuzz found EOFError tracebacks from truncated .tar.gz files, and errors naming the deleted
+    temporary copy): cut short, the archive cannot be read; a flipped byte inflates to other bytes,
+    which the TensorBundle checksums catch, named inside the archive."""
+    good = tmp_path / "efficientdet-d0.tar.gz"
+    with tarfile.open(good, "w:gz") as tar:
+        tar.add(d0_dir, arcname="efficientdet-d0")
+    data = good.read_bytes()
+    middle = len(data) // 2
+    cut = tmp_path / "cut" / good.name
+    flipped = tmp_path / "flipped" / good.name
+    cut.parent.mkdir(), flipped.parent.mkdir()
+    cut.write_bytes(data[:middle])
+    flipped.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    with pytest.raises(CheckpointError, match=f"^{cut}: cannot read the archive .*; is it truncated or corrupt"):
+        convert_checkpoint(cut, "d0")
+    with pytest.raises(CheckpointError) as e:
+        convert_checkpoint(flipped, "d0")
+    msg = str(e.value)  # (which of the two depends on the deflate stream: either names the archive)
+    assert msg.startswith(f"{flipped}: ") or f"{flipped}:efficientdet-d0/model.data-00000-of-00001" in msg, msg
+    assert "effdet-ckpt-" not in msg
+
+
 def test_tarball_escapes_refused(tmp_path):
     import io
 
