@@ -135,6 +135,17 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return args
 
 
+def one_line(e: BaseException) -> str:
+    """``e``'s message on one line. An exception re-raised from a DataLoader worker carries the worker's
+    traceback in its message ("Caught X in DataLoader worker process 0. Original Traceback ..."); the
+    last line of that holds the original message, after the exception's name."""
+    lines = str(e).strip().splitlines()
+    if len(lines) <= 1:
+        return lines[0] if lines else type(e).__name__
+    head, sep, tail = lines[-1].partition(f"{type(e).__name__}: ")
+    return tail if sep else lines[-1]
+
+
 def error(prog: str, message: str, code: int = EXIT_FAILED) -> int:
     """Print ``<prog>: error: <message>`` on stderr and return ``code`` (1: bad input or a failed check)."""
     print(f"{prog}: error: {message}", file=sys.stderr)

@@ -25,6 +25,7 @@ from effdet_torch.model import compile_network, create_model
 from evaluation.coco import (
     COCO_METRIC_NAMES,
     CocoEvalImages,
+    ImageDecodeError,
     category_mapping,
     coco_results,
     evaluate_coco,
@@ -34,7 +35,7 @@ from evaluation.coco import (
 from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
 
 from .common import (EXIT_FAILED, EXIT_USAGE, add_compile, add_device, add_output, add_variant, add_weights,
-                     count_or_auto, error, keep_freed_memory, parse_args)
+                     count_or_auto, error, keep_freed_memory, one_line, parse_args)
 
 PROG = "effdet-eval"
 
@@ -173,9 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(ds)} images, device {device}, batch {args.batch_size}"
         + (f", {dist.world_size} processes" if dist.enabled else ""))
     t0 = time.perf_counter()
-    out = run_eval(model, ds, device=device, batch_size=args.batch_size, num_workers=args.workers,
-                   post_workers=args.post_workers, progress=not args.no_progress, dist=dist,
-                   allow_tf32=args.allow_tf32)
+    try:
+        out = run_eval(model, ds, device=device, batch_size=args.batch_size, num_workers=args.workers,
+                       post_workers=args.post_workers, progress=not args.no_progress, dist=dist,
+                       allow_tf32=args.allow_tf32)
+    except ImageDecodeError as e:  # from a loader worker too: one line naming the image
+        return fail(one_line(e))
     code = 0
     if main_rank:
         wall = time.perf_counter() - t0

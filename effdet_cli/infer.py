@@ -22,6 +22,7 @@ from effdet_torch.config import parse_image_size
 from effdet_torch.detector import Detector
 from effdet_torch.files import atomic_write, write_json
 from effdet_torch.model import compile_network, create_model
+from evaluation.coco import ImageDecodeError, read_image_rgb
 from parity.visualize import load_font
 
 from .common import add_compile, add_device, add_output, add_variant, add_weights, error, keep_freed_memory, parse_args
@@ -103,21 +104,11 @@ def _check_not_empty(path: Path) -> None:
 
 def load_image(path: Path) -> np.ndarray:
     """``[h, w, 3]`` uint8 RGB, or an :class:`InputError` naming the file and the fault."""
-    from PIL import Image, UnidentifiedImageError
-
     _check_not_empty(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image (Pillow cannot identify its format)") from None
-    except Image.DecompressionBombError as e:
-        raise InputError(f"{path}: refused, too many pixels ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"{path}: cannot decode the image ({str(e).splitlines()[0] if str(e) else type(e).__name__};"
-                         f" truncated or corrupt?)") from None
-    arr = np.array(rgb, dtype=np.uint8)  # a writable copy
+        arr = read_image_rgb(path)
+    except ImageDecodeError as e:
+        raise InputError(str(e)) from None
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise InputError(f"{path}: the image has no pixels ({arr.shape[1]}x{arr.shape[0]})")
     return arr

@@ -41,6 +41,7 @@ __all__ = [
     "evaluate_coco",
     "format_metrics",
     "load_annotations",
+    "ImageDecodeError",
     "read_image_rgb",
     "rows_to_array",
 ]
@@ -84,10 +85,31 @@ def category_mapping(categories: Sequence[dict], num_classes: int, mode: str = "
     return table
 
 
+class ImageDecodeError(ValueError):
+    """An image file cannot be decoded; the message names the file and the fault (a ValueError: the
+    commands report it as bad input)."""
+
+
 def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
-    """``[h, w, 3]`` uint8 RGB (grayscale/palette/alpha converted; EXIF orientation ignored as TF does)."""
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
+    """``[h, w, 3]`` uint8 RGB (grayscale/palette/alpha converted; EXIF orientation ignored as TF does).
+
+    A file Pillow cannot identify or decode (truncated, corrupt, a decompression bomb) raises
+    :class:`ImageDecodeError` naming it; a missing file stays a ``FileNotFoundError``.
+    """
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
+    except FileNotFoundError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{path}: not an image (Pillow cannot identify its format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"{path}: refused, too many pixels ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageDecodeError(f"{path}: cannot decode the image ({what}; truncated or corrupt?)") from None
 
 
 @dataclass(frozen=True)

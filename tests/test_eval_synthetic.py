@@ -340,6 +340,14 @@ def test_effdet_eval_custom_ids_and_usage_errors(tmp_path, capsys):
     assert eval_main(common + ["--annotations", str(info_path), "--out", str(out2)]) == 0
     assert json.loads(out2.read_text()) == json.loads(out.read_text())
     assert "nothing scored" in capsys.readouterr().out
+    # a truncated image is one error line naming it, read in this process or in a loader worker (whose
+    # exceptions come back with the worker's traceback in their message)
+    damaged = tmp_path / "c" / "images" / sorted(os.listdir(tmp_path / "c" / "images"))[1]
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    for workers in ("0", "2"):
+        assert eval_main(base + ["--workers", workers]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"effdet-eval: error: {damaged}: cannot decode the image") and err.count("\n") == 1, err
     # missing image files are named
     (tmp_path / "c" / "images" / sorted(os.listdir(tmp_path / "c" / "images"))[0]).unlink()
     assert eval_main(base) == 1  # bad input

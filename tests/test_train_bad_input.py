@@ -74,6 +74,18 @@ def test_missing_image_file(root, capsys):
     _one_line_error(capsys, "1 image file(s) missing", victim.name)
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_truncated_image_file(root, capsys, workers):
+    """Read in this process or in a loader worker (whose exception message carries its traceback): one
+    line naming the image."""
+    victim = sorted((root / "datasets" / "shape" / "train").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    args = _args(root, "--max-steps", "2")
+    args[args.index("--workers") + 1] = workers
+    assert main(args) == 1
+    _one_line_error(capsys, f"{victim}: cannot decode the image", "truncated or corrupt?")
+
+
 def test_bad_boxes_dropped_and_counted(root, capsys):
     def add(doc):
         im = doc["images"][0]
