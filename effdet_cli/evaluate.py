@@ -27,6 +27,7 @@ from evaluation.coco import (
     CocoEvalImages,
     ImageDecodeError,
     category_mapping,
+    check_scorable,
     coco_results,
     evaluate_coco,
     format_metrics,
@@ -145,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         doc = load_annotations(args.annotations)
+        if "annotations" in doc:  # scored at the end: fail now, not after the whole evaluation
+            check_scorable(doc, str(args.annotations))
         model = create_model(variant, checkpoint=args.weights, image_size=args.image_size).fuse_for_inference()
         if args.compile:
             compile_network(model)

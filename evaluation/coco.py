@@ -37,6 +37,8 @@ __all__ = [
     "COCO_METRIC_NAMES",
     "CocoEvalImages",
     "category_mapping",
+    "check_annotations",
+    "check_scorable",
     "coco_results",
     "evaluate_coco",
     "format_metrics",
@@ -52,15 +54,92 @@ COCO_NUM_CLASSES = 90
 
 
 def load_annotations(path: str | os.PathLike) -> dict[str, Any]:
-    """A COCO ``instances_*.json`` (or ``image_info_*.json``) as a dict, checked for ``images``."""
-    with open(path, "r", encoding="utf-8") as f:
-        doc = json.load(f)
-    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-        raise ValueError(f"{path}: not a COCO annotation file (no 'images' list)")
-    ids = [im["id"] for im in doc["images"]]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: duplicate image ids")
+    """A COCO ``instances_*.json`` (or ``image_info_*.json``) as a dict, its structure checked
+    (:func:`check_annotations`): every way of being unusable is a ``ValueError`` naming the file and
+    the entry, a missing file a ``FileNotFoundError``."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: annotation file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed annotation JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 JSON file ({e.reason})") from None
+    check_annotations(doc, str(path))
     return doc
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_annotations(doc: Any, src: str) -> None:
+    """The structure evaluation and training read: ``images`` (integer ``id``, unique; ``file_name``),
+    optional ``categories`` (integer ``id``, ``name``) and ``annotations`` (integer ``image_id`` and
+    ``category_id``, ``bbox`` four numbers; ``id``/``area``/``iscrowd`` typed where present). Raises
+    ``ValueError`` naming ``src`` and the first bad entry. Box values are not judged here (training
+    drops empty or non-finite boxes and counts them)."""
+    def bad(where: str, what: str) -> None:
+        raise ValueError(f"{src}: {where}: {what}")
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise ValueError(f"{src}: not a COCO annotation file (no 'images' list)")
+    for key in ("annotations", "categories"):
+        if key in doc and not isinstance(doc[key], list):
+            bad(key, f"must be a list, got {type(doc[key]).__name__}")
+    ids: set[int] = set()
+    for i, im in enumerate(doc["images"]):
+        if not isinstance(im, dict):
+            bad(f"images[{i}]", f"not an object: {str(im)[:60]}")
+        if not _is_int(im.get("id")):
+            bad(f"images[{i}]", f"'id' must be an integer, got {im.get('id')!r}")
+        if not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            bad(f"images[{i}]", f"'file_name' must be a file name, got {im.get('file_name')!r}")
+        if im["id"] in ids:
+            bad(f"images[{i}]", f"duplicate image id {im['id']}")
+        ids.add(im["id"])
+    for i, c in enumerate(doc.get("categories", [])):
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+            bad(f"categories[{i}]", f"needs an integer 'id' and a 'name', got {str(c)[:80]}")
+    for i, a in enumerate(doc.get("annotations", [])):
+        if not isinstance(a, dict):
+            bad(f"annotations[{i}]", f"not an object: {str(a)[:60]}")
+        for key in ("image_id", "category_id"):
+            if not _is_int(a.get(key)):
+                bad(f"annotations[{i}]", f"{key!r} must be an integer, got {a.get(key)!r}")
+        box = a.get("bbox")
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            bad(f"annotations[{i}]", f"'bbox' must be [x, y, width, height], got {box!r}")
+        if "id" in a and not _is_int(a["id"]):
+            bad(f"annotations[{i}]", f"'id' must be an integer, got {a['id']!r}")
+        if "area" in a and not _is_number(a["area"]):
+            bad(f"annotations[{i}]", f"'area' must be a number, got {a['area']!r}")
+        if "iscrowd" in a and a["iscrowd"] not in (0, 1):
+            bad(f"annotations[{i}]", f"'iscrowd' must be 0 or 1, got {a['iscrowd']!r}")
+
+
+def check_scorable(doc: dict[str, Any], src: str) -> None:
+    """What pycocotools needs beyond :func:`check_annotations` to score: a ``categories`` list, and
+    every annotation has an ``id`` (unique), an ``area`` (its area ranges) and ``iscrowd``. Checked before a long evaluation,
+    so a file that cannot be scored fails at once."""
+    if "annotations" not in doc:
+        raise ValueError(f"{src}: no 'annotations' (an image-info file): nothing to score")
+    if "categories" not in doc:
+        raise ValueError(f"{src}: no 'categories', which COCO scoring reads (pycocotools)")
+    seen: set[int] = set()
+    for i, a in enumerate(doc["annotations"]):
+        missing = [k for k in ("id", "area", "iscrowd") if k not in a]
+        if missing:
+            raise ValueError(f"{src}: annotations[{i}]: lacks {', '.join(map(repr, missing))}, which COCO scoring "
+                             "reads (pycocotools)")
+        if a["id"] in seen:
+            raise ValueError(f"{src}: annotations[{i}]: duplicate annotation id {a['id']}")
+        seen.add(a["id"])
 
 
 def category_mapping(categories: Sequence[dict], num_classes: int, mode: str = "auto") -> np.ndarray:
@@ -219,8 +298,7 @@ def evaluate_coco(gt: dict[str, Any] | str | os.PathLike, rows: np.ndarray, cat_
     from pycocotools.cocoeval import COCOeval
 
     doc = gt if isinstance(gt, dict) else load_annotations(gt)
-    if "annotations" not in doc:
-        raise ValueError("the annotation file has no 'annotations' (an image-info file): nothing to score")
+    check_scorable(doc, "the annotation file" if isinstance(gt, dict) else str(gt))
     rows = np.asarray(rows, np.float32).reshape(-1, 7)
     ids = _image_id_column(rows, row_image_ids)
     cls = rows[:, 6].astype(np.int64)

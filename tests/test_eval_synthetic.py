@@ -20,6 +20,8 @@ from evaluation.coco import (
     COCO_METRIC_NAMES,
     CocoEvalImages,
     category_mapping,
+    check_annotations,
+    check_scorable,
     coco_results,
     evaluate_coco,
     load_annotations,
@@ -108,6 +110,69 @@ def test_custom_categories(tmp_path):
 
 
 # ------------------------------------------------------------------ ids, categories, rows
+
+
+def _doc():
+    return {"images": [{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}],
+            "categories": [{"id": 3, "name": "cat"}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "area": 12, "iscrowd": 0}]}
+
+
+def _set(path, value):
+    def edit(doc):
+        *head, last = path
+        for k in head:
+            doc = doc[k]
+        if value is KeyError:
+            del doc[last]
+        else:
+            doc[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, fault", [
+    (_set(("images",), {}), "no 'images' list"),
+    (_set(("images", 0), "a.jpg"), "images[0]: not an object"),
+    (_set(("images", 0, "id"), "1"), "images[0]: 'id' must be an integer, got '1'"),
+    (_set(("images", 0, "id"), True), "images[0]: 'id' must be an integer, got True"),
+    (_set(("images", 0, "file_name"), KeyError), "images[0]: 'file_name' must be a file name, got None"),
+    (lambda d: d["images"].append(dict(d["images"][0])), "images[1]: duplicate image id 1"),
+    (_set(("categories",), {"id": 3}), "categories: must be a list, got dict"),
+    (_set(("categories", 0, "name"), KeyError), "categories[0]: needs an integer 'id' and a 'name'"),
+    (_set(("annotations", 0, "image_id"), None), "annotations[0]: 'image_id' must be an integer, got None"),
+    (_set(("annotations", 0, "category_id"), 3.0), "annotations[0]: 'category_id' must be an integer, got 3.0"),
+    (_set(("annotations", 0, "bbox"), [1, 2, 3]), "annotations[0]: 'bbox' must be [x, y, width, height], got [1, 2, 3]"),
+    (_set(("annotations", 0, "bbox"), [1, 2, "3", 4]), "annotations[0]: 'bbox' must be [x, y, width, height]"),
+    (_set(("annotations", 0, "area"), [12]), "annotations[0]: 'area' must be a number, got [12]"),
+    (_set(("annotations", 0, "iscrowd"), 2), "annotations[0]: 'iscrowd' must be 0 or 1, got 2"),
+])
+def test_annotation_structure_errors_name_the_entry(edit, fault):
+    """Every malformed entry is one ValueError naming the file and the entry (a fuzz of effdet-eval's
+    input found 40 kinds of KeyError/TypeError tracebacks before these checks)."""
+    check_annotations(_doc(), "f.json")  # the well-formed document passes
+    doc = _doc()
+    edit(doc)
+    with pytest.raises(ValueError) as e:
+        check_annotations(doc, "f.json")
+    assert str(e.value).startswith("f.json: ") and fault in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("key, fault", [("id", "lacks 'id'"), ("area", "lacks 'area'"), ("iscrowd", "lacks 'iscrowd'")])
+def test_scoring_needs_what_pycocotools_reads(key, fault):
+    check_scorable(_doc(), "f.json")
+    doc = _doc()
+    del doc["annotations"][0][key]
+    check_annotations(doc, "f.json")  # fine for training, which does not read it
+    with pytest.raises(ValueError, match=f"^f.json: annotations\\[0\\]: {fault}, which COCO scoring reads"):
+        check_scorable(doc, "f.json")
+    doc = _doc()
+    doc["annotations"].append(dict(doc["annotations"][0]))
+    with pytest.raises(ValueError, match="annotations\\[1\\]: duplicate annotation id 7"):
+        check_scorable(doc, "f.json")
+    doc = _doc()
+    del doc["categories"]
+    with pytest.raises(ValueError, match="no 'categories'"):
+        check_scorable(doc, "f.json")
 
 
 def test_category_mapping():
@@ -340,6 +405,15 @@ def test_effdet_eval_custom_ids_and_usage_errors(tmp_path, capsys):
     assert eval_main(common + ["--annotations", str(info_path), "--out", str(out2)]) == 0
     assert json.loads(out2.read_text()) == json.loads(out.read_text())
     assert "nothing scored" in capsys.readouterr().out
+    # a ground truth that cannot be scored fails before the network runs, in one line
+    unscorable = load_annotations(ann)
+    del unscorable["annotations"][0]["area"]
+    bad_ann = tmp_path / "no_area.json"
+    bad_ann.write_text(json.dumps(unscorable))
+    assert eval_main(common + ["--annotations", str(bad_ann)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"effdet-eval: error: {bad_ann}: annotations[0]: lacks 'area', which COCO scoring reads (pycocotools)\n"
+    assert "images" not in captured.out  # no evaluation started
     # a truncated image is one error line naming it, read in this process or in a loader worker (whose
     # exceptions come back with the worker's traceback in their message)
     damaged = tmp_path / "c" / "images" / sorted(os.listdir(tmp_path / "c" / "images"))[1]

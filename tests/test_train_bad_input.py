@@ -58,7 +58,7 @@ def test_malformed_json(root, capsys):
 def test_malformed_annotation_entry(root, capsys):
     _edit(root, lambda d: d["annotations"][0].pop("bbox"))
     assert main(_args(root, "--max-steps", "1")) == 1
-    _one_line_error(capsys, "instances_train.json", "malformed annotation", "bbox")
+    _one_line_error(capsys, "instances_train.json: annotations[0]: 'bbox' must be [x, y, width, height], got None")
 
 
 def test_category_id_not_in_categories(root, capsys):

@@ -8,7 +8,6 @@ without boxes kept (negatives), crowd boxes kept for the pipeline to skip, then
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,25 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from evaluation.coco import load_annotations, read_image_rgb
+from evaluation.coco import check_annotations, load_annotations, read_image_rgb
 
 from .augment import AugmentDraws, train_transform
 
-__all__ = ["CocoTrainDataset", "collate", "load_train_annotations"]
-
-
-def load_train_annotations(path: str | os.PathLike) -> dict[str, Any]:
-    """A COCO annotation file, every way of being unreadable a ``ValueError`` naming the file."""
-    try:
-        return load_annotations(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed annotation JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a UTF-8 JSON file ({e.reason})") from None
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: malformed annotation file ({e!r})") from None
+__all__ = ["CocoTrainDataset", "collate"]
 
 
 class CocoTrainDataset(Dataset):
@@ -49,27 +34,27 @@ class CocoTrainDataset(Dataset):
                  obj_list: Sequence[str], image_size: tuple[int, int], mean_rgb, stddev_rgb,
                  jitter: tuple[float, float] = (0.1, 2.0), hflip: bool = True, seed: int = 0) -> None:
         src = str(annotations) if not isinstance(annotations, dict) else "<annotations>"
-        doc = annotations if isinstance(annotations, dict) else load_train_annotations(annotations)
-        try:
-            names = {int(c["id"]): c["name"] for c in doc.get("categories", [])}
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{src}: malformed 'categories' entry ({e!r})") from None
+        if isinstance(annotations, dict):
+            doc = annotations
+            check_annotations(doc, src)
+        else:
+            doc = load_annotations(annotations)
+        names = {c["id"]: c["name"] for c in doc.get("categories", [])}
         cls_of_name = {n: i + 1 for i, n in enumerate(obj_list)}
         root = Path(images_dir)
         by_image: dict[int, list[dict]] = {}
         image_ids = set()
-        for im in doc["images"]:
-            if not isinstance(im, dict) or not {"id", "file_name", "width", "height"} <= set(im):
-                raise ValueError(f"{src}: malformed image entry {str(im)[:80]} (needs id, file_name, width, height)")
-            image_ids.add(int(im["id"]))
+        for i, im in enumerate(doc["images"]):
+            if not all(isinstance(im.get(k), (int, float)) and im[k] > 0 for k in ("width", "height")):
+                raise ValueError(f"{src}: images[{i}]: training needs its 'width' and 'height' (positive numbers), "
+                                 f"got {im.get('width')!r} x {im.get('height')!r}")
+            image_ids.add(im["id"])
         self.orphans = 0  # annotations of an image id that is not in 'images'
         for a in doc.get("annotations", []):
-            if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a or "bbox" not in a:
-                raise ValueError(f"{src}: malformed annotation {str(a)[:80]} (needs image_id, category_id, bbox)")
-            if int(a["image_id"]) not in image_ids:
+            if a["image_id"] not in image_ids:
                 self.orphans += 1
                 continue
-            by_image.setdefault(int(a["image_id"]), []).append(a)
+            by_image.setdefault(a["image_id"], []).append(a)
         self.items = []
         self.dropped = 0  # zero-area, non-finite or entirely out-of-image boxes
         self.clipped = 0  # boxes reaching outside the image, clipped to it
@@ -82,15 +67,12 @@ class CocoTrainDataset(Dataset):
                 continue
             w, h = float(im["width"]), float(im["height"])
             rows = []
-            for a in by_image.get(int(im["id"]), []):
-                cid = int(a["category_id"])
+            for a in by_image.get(im["id"], []):
+                cid = a["category_id"]
                 if names.get(cid) not in cls_of_name:
                     raise ValueError(f"{src}: annotation {a.get('id')} has category_id {cid} "
                                      f"({names.get(cid, 'not in categories')!r}), which is not in obj_list {list(obj_list)}")
-                try:
-                    x, y, bw, bh = (float(v) for v in a["bbox"])
-                except (TypeError, ValueError):
-                    raise ValueError(f"{src}: annotation {a.get('id')} bbox {a['bbox']!r} is not [x, y, w, h]") from None
+                x, y, bw, bh = (float(v) for v in a["bbox"])
                 raw = np.array([y / h, x / w, (y + bh) / h, (x + bw) / w], np.float64)
                 if not np.isfinite(raw).all():
                     self.dropped += 1

@@ -46,10 +46,10 @@ from effdet_torch.config import get_config
 from effdet_torch.checkpoint import torch_writer
 from effdet_torch.files import atomic_write, atomic_write_many
 from effdet_torch.model import EfficientDet, create_model
-from evaluation.coco import CocoEvalImages, evaluate_coco, read_image_rgb
+from evaluation.coco import CocoEvalImages, check_scorable, evaluate_coco, load_annotations, read_image_rgb
 from evaluation.evaluate import broadcast_from_rank0, gather_to_rank0, init_distributed, run_eval
 
-from .data import CocoTrainDataset, collate, load_train_annotations
+from .data import CocoTrainDataset, collate
 from .debug import draw_debug_picture
 from .distributed import any_rank, convert_sync_batchnorm
 from .loss import LossConfig
@@ -179,7 +179,8 @@ class Engine:
         self.val_doc = self.val_set = None
         if cfg.val_interval and cfg.val_annotations:
             if Path(cfg.val_annotations).is_file():
-                self.val_doc = load_train_annotations(cfg.val_annotations)
+                self.val_doc = load_annotations(cfg.val_annotations)
+                check_scorable(self.val_doc, str(cfg.val_annotations))
                 # validates the val set now (bad input fails before the first step, not after an epoch)
                 CocoTrainDataset(self.val_doc, cfg.val_images, self.obj_list, self.model_cfg.image_size, self.mean,
                                  self.std)
@@ -500,7 +501,7 @@ class Engine:
         return bool(self.cfg.es_patience) and self.evals_since_best >= self.cfg.es_patience
 
     def _debug_pictures(self) -> None:
-        doc = self.val_doc or load_train_annotations(self.cfg.train_annotations)
+        doc = self.val_doc or load_annotations(self.cfg.train_annotations)
         images_dir = self.cfg.val_images if self.val_doc is not None else self.cfg.train_images
         ds = CocoEvalImages(doc, images_dir, self.model_cfg.image_size, self.mean, self.std,
                             max_images=self.cfg.debug_images)
