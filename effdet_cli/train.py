@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from effdet_torch.config import resolve_variant_name
+from effdet_torch.config import get_config, resolve_variant_name
 from evaluation.evaluate import dist_info
 from training.engine import Engine, TrainConfig
 from training.project import dataset_paths, load_project, pixel_scale
@@ -116,13 +116,16 @@ def build_config(args):
     scales = proj.get("anchors_scales")
     if scales is not None and not all(abs(s - 2 ** (i / 3)) < 1e-6 for i, s in enumerate(scales)):
         raise ValueError(f"{args.project}.yml: custom anchors_scales {scales} are not supported yet (official 2^(i/3))")
+    ratios = proj.get("anchors_ratios")  # (w, h) pairs; the seed's default spells the official ratios 1, 2, 1/2
+    official = get_config(name).aspect_ratios
+    if ratios is not None and (len(ratios) != len(official)
+                               or not all(abs(w / h - r) < 1e-6 for (w, h), r in zip(ratios, official))):
+        raise ValueError(f"{args.project}.yml: custom anchors_ratios {ratios} are not supported yet (official "
+                         f"width/height ratios {list(official)}, e.g. the seed's [(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)])")
     train_ann, train_img = dataset_paths(args.data_path, proj, "train_set")
     val = dataset_paths(args.data_path, proj, "val_set")
     out_dir = Path(args.output) / str(proj["project_name"])
-    try:
-        num_gpus = int(proj.get("num_gpus") or 1)
-    except (TypeError, ValueError):
-        raise ValueError(f"{args.project}.yml: num_gpus {proj.get('num_gpus')!r} is not a number") from None
+    num_gpus = proj.get("num_gpus") or 1
     return TrainConfig(
         variant=name, obj_list=[str(n) for n in proj["obj_list"]], train_annotations=str(train_ann),
         train_images=str(train_img), out_dir=str(out_dir),

@@ -86,6 +86,41 @@ def test_truncated_image_file(root, capsys, workers):
     _one_line_error(capsys, f"{victim}: cannot decode the image", "truncated or corrupt?")
 
 
+@pytest.mark.parametrize("key, value, fault", [
+    ("mean", 0.5, "mean: must be three numbers (RGB), got 0.5"),
+    ("std", [0.2, 0.2, 0], "std: must be three numbers (RGB), each > 0, got [0.2, 0.2, 0]"),
+    ("num_gpus", "two", "num_gpus: must be a whole number >= 0 (the seed's 0: no GPU), got 'two'"),
+    ("obj_list", ["cat", "cat"], "obj_list: names a class twice"),
+    ("train_set", "../elsewhere", "train_set: must be a plain folder name, got '../elsewhere'"),
+    ("anchors_scales", 2, "anchors_scales: must be a list of positive numbers, got 2"),
+    ("anchors_ratios", "[(1.0, 1.0), (2.0,)]", "anchors_ratios: must be a list of (width, height) pairs"),
+    # the seed's format, other ratios: refused, never silently trained with the official ones
+    ("anchors_ratios", "[(1.0, 1.0), (2.0, 0.5), (0.5, 2.0)]", "custom anchors_ratios"),
+])
+def test_bad_project_field(root, capsys, key, value, fault):
+    """A project file (projects/NAME.yml) field of the wrong type or value: one line naming the file
+    (the fuzz of these fields found TypeError tracebacks and messages naming neither file nor key)."""
+    import yaml
+
+    yml = root / "projects" / "shape.yml"
+    doc = yaml.safe_load(yml.read_text())
+    doc[key] = value
+    yml.write_text(yaml.safe_dump(doc))
+    assert main(_args(root, "--max-steps", "1")) == 1
+    _one_line_error(capsys, "shape.yml", fault)
+
+
+def test_official_anchor_ratio_spellings_both_train(root, capsys):
+    """(1.4, 0.7) is the seed's spelling of the official aspect ratio 2 (sqrt(2), 1/sqrt(2))."""
+    import yaml
+
+    yml = root / "projects" / "shape.yml"
+    doc = yaml.safe_load(yml.read_text())
+    doc["anchors_ratios"] = "[(1.0, 1.0), (2 ** 0.5, 2 ** -0.5), (2 ** -0.5, 2 ** 0.5)]"
+    yml.write_text(yaml.safe_dump(doc))
+    assert main(_args(root, "--max-steps", "1")) == 0
+
+
 def test_bad_boxes_dropped_and_counted(root, capsys):
     def add(doc):
         im = doc["images"][0]

@@ -43,7 +43,13 @@ def parse_number_list(text) -> list:
         raise ValueError(f"not a number expression: {text!r} ({e.msg})") from None
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def load_project(path: Path) -> dict:
+    """The project mapping, every field checked: one ``ValueError`` naming the file, the key and the
+    value at fault."""
     import yaml
 
     path = Path(path)
@@ -53,17 +59,44 @@ def load_project(path: Path) -> dict:
         raise ValueError(f"{path}: cannot read the project file ({str(e).splitlines()[0]})") from None
     if not isinstance(p, dict):
         raise ValueError(f"{path}: not a project mapping")
+
+    def bad(key: str, what: str) -> None:
+        raise ValueError(f"{path}: {key}: {what}, got {p[key]!r}")
+
     for key in ("project_name", "train_set", "obj_list"):
-        if key not in p:
+        if p.get(key) is None:
             raise ValueError(f"{path}: missing {key!r}")
-    if not isinstance(p["obj_list"], list) or not p["obj_list"]:
-        raise ValueError(f"{path}: obj_list must be a non-empty list of class names")
+    for key in ("project_name", "train_set", "val_set"):
+        if p.get(key) is not None and (not isinstance(p[key], (str, int)) or isinstance(p[key], bool)
+                                       or not str(p[key]) or "/" in str(p[key]) or str(p[key]) in (".", "..")):
+            bad(key, "must be a plain folder name")
+    names = p["obj_list"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        bad("obj_list", "must be a non-empty list of class names")
+    if len(set(names)) != len(names):
+        bad("obj_list", "names a class twice (categories are matched by name)")
+    if p.get("num_gpus") is not None and (not isinstance(p["num_gpus"], int) or isinstance(p["num_gpus"], bool)
+                                           or p["num_gpus"] < 0):
+        bad("num_gpus", "must be a whole number >= 0 (the seed's 0: no GPU)")
+    for key in ("mean", "std"):
+        v = p.get(key)
+        if v is not None and (not isinstance(v, list) or len(v) != 3 or not all(_is_number(x) for x in v)
+                              or (key == "std" and min(v) <= 0)):
+            bad(key, "must be three numbers (RGB)" + (", each > 0" if key == "std" else ""))
     for key in ("anchors_scales", "anchors_ratios"):
-        if key in p:
-            try:
-                p[key] = parse_number_list(p[key])
-            except ValueError as e:
-                raise ValueError(f"{path}: {key}: {e}") from None
+        if p.get(key) is None:
+            continue
+        try:
+            p[key] = parse_number_list(p[key])
+        except ValueError as e:
+            raise ValueError(f"{path}: {key}: {e}") from None
+        if key == "anchors_scales":
+            ok = isinstance(p[key], list) and p[key] and all(_is_number(x) and x > 0 for x in p[key])
+            if not ok:
+                bad(key, "must be a list of positive numbers")
+        elif not (isinstance(p[key], list) and p[key] and all(
+                isinstance(r, list) and len(r) == 2 and all(_is_number(x) and x > 0 for x in r) for r in p[key])):
+            bad(key, "must be a list of (width, height) pairs of positive numbers")
     return p
 
 
