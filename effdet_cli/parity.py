@@ -24,6 +24,7 @@ from fixtures.synth_ckpt import DEFAULT_SEED, RULE_VERSION, write_synth_checkpoi
 from golden import GOLDEN_ENV
 from parity import commands
 from parity.golden import format_results, run_golden, write_json
+from parity.references import GoldenError
 from training import golden as train_golden
 
 from .common import EXIT_USAGE, add_device, add_output, add_variant, add_weights, error, parse_args
@@ -58,7 +59,10 @@ def _golden(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as e:
         return error("effdet-parity golden", str(e))
     torch.set_grad_enabled(False)
-    results = run_golden(model, args.golden, image_size=hw, seed=args.seed, device=args.device)
+    try:
+        results = run_golden(model, args.golden, image_size=hw, seed=args.seed, device=args.device)
+    except GoldenError as e:
+        return error("effdet-parity golden", str(e))
     print(format_results(results))
     print(f"{model.config.name} on {args.golden} in {time.time() - t0:.1f} s")
     if args.json:

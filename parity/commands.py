@@ -15,6 +15,7 @@ from effdet_torch.model import create_model
 from .compare import reference_hw, run_ours
 from .golden import format_results, golden_cases, run_golden
 from .live import Case, OfficialError, case_name, compare_against, load_npz, official_run, sibling_heads
+from .references import GoldenError
 from .record import write_golden
 from .report import Report, format_summary, format_table, write_html, write_json
 from .visualize import render_comparison
@@ -133,8 +134,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             ref = {}
             for g in args.golden:
                 if not Path(g).is_file():
+                    prog.close()
                     return _err("compare", f"{g}: no such file")
-                ref.update(load_npz(g))
+                try:
+                    ref.update(load_npz(g))
+                except GoldenError as e:
+                    prog.close()
+                    return _err("compare", str(e))
             heads_ref = sibling_heads(Path(args.golden[0]), ref)
             reference = "recorded golden " + ", ".join(map(str, args.golden))
             hw = hw or reference_hw(ref, get_config(variant).image_size)
@@ -244,7 +250,10 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     else:
         if not Path(args.golden).is_file():
             return _err("visualize", f"{args.golden}: no such file")
-        ref = load_npz(args.golden)
+        try:
+            ref = load_npz(args.golden)
+        except GoldenError as e:
+            return _err("visualize", str(e))
         raw = np.asarray(Image.open(args.image).convert("RGB"))
         cands = [k[len("input/"):-len("_raw_uint8")] for k in ref if k.startswith("input/") and k.endswith("_raw_uint8")]
         if args.case:

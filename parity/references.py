@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-__all__ = ["golden_cases", "load_npz", "sibling_heads"]
+__all__ = ["GoldenError", "golden_cases", "load_npz", "sibling_heads"]
 
 
 def golden_cases(keys: list[str]) -> list[str]:
@@ -25,9 +26,17 @@ def golden_cases(keys: list[str]) -> list[str]:
     return cases + sorted(images)
 
 
+class GoldenError(ValueError):
+    """A golden recording cannot be read; the message names the file."""
+
+
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    """Every array of a recorded golden ``.npz`` (no pickled objects), or :class:`GoldenError`."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise GoldenError(f"{path}: not a readable .npz recording ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def sibling_heads(path: Path, ref: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -143,6 +143,24 @@ def test_compare_cli_on_golden(d0_ckpt, tmp_path, capsys):
     assert cli_main(["compare", "--variant", "d0", "--ckpt", str(d0_ckpt), "--no-progress"]) == 2  # no reference
 
 
+def test_damaged_golden_is_one_error_line(d0_ckpt, tmp_path, capsys):
+    """A truncated recording, or one holding pickled objects (never loaded: allow_pickle stays off),
+    is one error line naming it from every command that reads goldens."""
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes((D0 / "tensors_chelsea.npz").read_bytes()[:100_000])
+    pickled = tmp_path / "pickled.npz"
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    pickled.write_bytes((tmp_path / "obj.npy").read_bytes())
+    for bad in (cut, pickled):
+        for argv, cmd in ((["golden", "--variant", "d0", "--weights", str(d0_ckpt), "--golden", str(bad)], "golden"),
+                          (["compare", "--variant", "d0", "--weights", str(d0_ckpt), "--golden", str(bad),
+                            "-o", str(tmp_path / "rep"), "--no-progress"], "compare")):
+            assert cli_main(argv) == 1
+            err = capsys.readouterr().err
+            assert err.startswith(f"effdet-parity {cmd}: error: {bad}: not a readable .npz recording (")
+            assert err.count("\n") == 1, err
+
+
 # ------------------------------------------------------------------------ a broken model
 BREAKAGES = {
     # name: (break, first tap vs the detailed reference, its module, first tap vs the coarse golden)
