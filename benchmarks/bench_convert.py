@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 
-def _run(cmd: list[str]) -> tuple[float, float]:
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     """(seconds, peak RSS MiB) of one child process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     dt = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # max over children so far
     if peak < before:
@@ -47,13 +47,13 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root))
     # baseline first: ru_maxrss of children is a running maximum, so the smaller job must come first
-    base = [_run([sys.executable, "-c", "import torch, numpy, converters.convert"]) for _ in range(args.repeats)]
+    base = [_run([sys.executable, "-c", "import torch, numpy, converters.convert"], env) for _ in range(args.repeats)]
     conv = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             out = Path(tmp) / f"out{i}.pth"
             conv.append(_run([sys.executable, "-m", "effdet_cli.convert", "--variant", args.variant, "--weights", str(args.ckpt),
-                              "-o", str(out)]))
+                              "-o", str(out)], env))
     size = _size(args.ckpt) / 2**20
     bt, bm = statistics.median(t for t, _ in base), max(m for _, m in base)
     ct, cm = statistics.median(t for t, _ in conv), max(m for _, m in conv)

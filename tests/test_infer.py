@@ -7,7 +7,6 @@ of the ``chelsea`` PNG can be compared with the official detections recorded in
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -18,7 +18,6 @@ import torch
 from tests.conftest import REPO, SHARED_GOLDEN
 from effdet_cli.parity import main as parity_main
 from training import golden as tg
-from training.augment import AugmentDraws
 from training.loss import LossConfig, detection_loss, l2_parameters, reg_l2_loss
 from training.optim import CosineSchedule, KerasSGD, ModelEma, clip_gradients, global_norm
 from training.targets import batch_targets, to_official_levels
