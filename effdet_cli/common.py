@@ -135,15 +135,17 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return args
 
 
-def one_line(e: BaseException) -> str:
-    """``e``'s message on one line. An exception re-raised from a DataLoader worker carries the worker's
-    traceback in its message ("Caught X in DataLoader worker process 0. Original Traceback ..."); the
-    last line of that holds the original message, after the exception's name."""
-    lines = str(e).strip().splitlines()
-    if len(lines) <= 1:
-        return lines[0] if lines else type(e).__name__
-    head, sep, tail = lines[-1].partition(f"{type(e).__name__}: ")
-    return tail if sep else lines[-1]
+def worker_message(e: BaseException) -> str:
+    """``e``'s own message. An exception re-raised from a DataLoader worker carries the worker's
+    traceback in its message ("Caught X in DataLoader worker process 0.\nOriginal Traceback ..."),
+    whose last line holds the original message after the exception's name; any other message is
+    returned as it is."""
+    text = str(e).strip()
+    if not (text.startswith("Caught ") and "in DataLoader worker process" in text.partition("\n")[0]):
+        return text
+    last = text.splitlines()[-1]
+    _, sep, message = last.partition(f"{type(e).__name__}: ")
+    return message if sep else last
 
 
 def error(prog: str, message: str, code: int = EXIT_FAILED) -> int:

@@ -36,7 +36,7 @@ from evaluation.coco import (
 from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
 
 from .common import (EXIT_FAILED, EXIT_USAGE, add_compile, add_device, add_output, add_variant, add_weights,
-                     count_or_auto, error, keep_freed_memory, one_line, parse_args)
+                     count_or_auto, error, keep_freed_memory, parse_args, worker_message)
 
 PROG = "effdet-eval"
 
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        post_workers=args.post_workers, progress=not args.no_progress, dist=dist,
                        allow_tf32=args.allow_tf32)
     except ImageDecodeError as e:  # from a loader worker too: one line naming the image
-        return fail(one_line(e))
+        return fail(worker_message(e))
     code = 0
     if main_rank:
         wall = time.perf_counter() - t0

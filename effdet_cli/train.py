@@ -31,8 +31,8 @@ from evaluation.evaluate import dist_info
 from training.engine import Engine, TrainConfig
 from training.project import dataset_paths, load_project, pixel_scale
 
-from .common import (EXIT_USAGE, VARIANT_HELP, add_device, add_output, add_weights, error, keep_freed_memory, one_line,
-                     parse_args, variant_type)
+from .common import (EXIT_USAGE, VARIANT_HELP, add_device, add_output, add_weights, error, keep_freed_memory, parse_args,
+                     variant_type, worker_message)
 
 PROG = "effdet-train"
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.distributed.destroy_process_group()
         return 0
     except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:  # incl. a loader worker's
-        return error(PROG, one_line(e))
+        return error(PROG, worker_message(e))
     except KeyboardInterrupt:
         return error(PROG, "interrupted again: stopped without saving" + (f"; last good checkpoint {last}" if last else ""))
 

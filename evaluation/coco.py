@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from effdet_torch.preprocess import preprocess_image
@@ -125,8 +125,8 @@ def check_annotations(doc: Any, src: str) -> None:
 
 def check_scorable(doc: dict[str, Any], src: str) -> None:
     """What pycocotools needs beyond :func:`check_annotations` to score: a ``categories`` list, and
-    every annotation has an ``id`` (unique), an ``area`` (its area ranges) and ``iscrowd``. Checked before a long evaluation,
-    so a file that cannot be scored fails at once."""
+    every annotation has an ``id`` (unique), an ``area`` (its area ranges) and ``iscrowd``. Checked
+    before a long evaluation, so a file that cannot be scored fails at once."""
     if "annotations" not in doc:
         raise ValueError(f"{src}: no 'annotations' (an image-info file): nothing to score")
     if "categories" not in doc:
@@ -175,8 +175,6 @@ def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
     A file Pillow cannot identify or decode (truncated, corrupt, a decompression bomb) raises
     :class:`ImageDecodeError` naming it; a missing file stays a ``FileNotFoundError``.
     """
-    from PIL import UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy

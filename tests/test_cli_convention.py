@@ -216,3 +216,24 @@ def test_readme_commands_parse(line, capsys):
     make = PARSERS.get(prog) or SUBCOMMANDS[prog][0]
     args = parse_args(make(), argv)
     assert not isinstance(args, int), f"{line!r}: {capsys.readouterr().err.strip()}"
+
+
+def test_worker_message_unwraps_only_a_loader_workers_reraise():
+    """A DataLoader worker's exception comes back with the worker's traceback as its message: the
+    original line is taken from it. Any other message, one line or several, stays whole."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from effdet_cli.common import worker_message
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, k):
+            raise ValueError("images/a.png: cannot decode the image")
+
+    with pytest.raises(ValueError) as e:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert "\n" in str(e.value) and worker_message(e.value) == "images/a.png: cannot decode the image"
+    assert worker_message(ValueError("first\nsecond")) == "first\nsecond"
+    assert worker_message(ValueError("Caught in the act")) == "Caught in the act"
