@@ -36,7 +36,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def automl_dir(request: pytest.FixtureRequest) -> Path:
     d = request.config.getoption("--automl-dir")
     if not d:
-        pytest.skip("needs the official code: pass --automl-dir DIR (a google/automl checkout)")
+        pytest.skip("needs the official code: pass --automl-dir=DIR (a google/automl checkout)")
     p = Path(d)
     if not (p / "efficientdet").is_dir():
         pytest.skip(f"--automl-dir {p} has no efficientdet/ folder")

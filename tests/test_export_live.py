@@ -1,6 +1,6 @@
 """Exported official formats loaded by the official code itself (needs --automl-dir and TensorFlow).
 
-    pytest tests/test_export_live.py --automl-dir ~/src/automl
+    pytest tests/test_export_live.py --automl-dir=$HOME/src/automl
 
 The official loader (``util_keras.restore_ckpt(..., skip_mismatch=False)``) restores our TF1 export,
 the official Keras model ``load_weights`` our ``.h5`` (by position: the weight order must be the

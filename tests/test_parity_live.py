@@ -1,7 +1,10 @@
 """Live parity against Google's official EfficientDet, imported from a google/automl checkout.
 
-    pytest --automl-dir ~/src/automl                          # synthetic d0 / lite0 checkpoints
-    pytest --automl-dir ~/src/automl --ckpt-dir ~/ckpts       # + every release checkpoint found there
+    pytest --automl-dir=$HOME/src/automl                          # synthetic d0 / lite0 checkpoints
+    pytest --automl-dir=$HOME/src/automl --ckpt-dir=$HOME/ckpts   # + every release checkpoint found there
+
+(with ``=``: a separate existing path would be taken for a test path, and pytest would root itself
+above the checkout, where it knows neither option)
 
 Every test here needs the official code (``--automl-dir``, with TensorFlow and tf-keras installed)
 and skips with the reason otherwise — as in CI, where the official code is absent and the suite
@@ -111,7 +114,7 @@ def test_live_cli_compare_record_visualize(official, synth_ckpt_dir, chelsea_png
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_live_release_checkpoint(official, ckpt_dir, chelsea_png, variant):
     if ckpt_dir is None:
-        pytest.skip("pass --ckpt-dir DIR holding official release checkpoints (efficientdet-d0/, "
+        pytest.skip("pass --ckpt-dir=DIR holding official release checkpoints (efficientdet-d0/, "
                     "efficientdet-d0.tar.gz, efficientdet-lite0.tgz, efficientdet-d0.h5, ...)")
     ckpt = find_release_file(variant, ckpt_dir)
     if ckpt is None:
