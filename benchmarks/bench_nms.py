@@ -63,7 +63,7 @@ def main() -> None:
             bx, sc, _ = pre_nms_global(c, b, anchors)
             glob = (bx.reshape(-1, 4), sc.reshape(-1), torch.arange(bsz).repeat_interleave(sc.shape[1]), bsz)
             pc = per_class_candidates(cfg, c, b, anchors)
-            per = (*pc, bsz * cfg.num_classes)
+            per = (*pc[:3], bsz * cfg.num_classes)
             for name, inputs in (("global", glob), ("per-class", per)):
                 on_dev = tuple(t.to(dev) if torch.is_tensor(t) else t for t in inputs)
                 want = nms_groups_reference(cfg, *inputs)

@@ -21,6 +21,7 @@ from effdet_cli.convert import main as convert_main
 from effdet_cli.parity import main as parity_main
 from effdet_torch.model import create_model
 from fixtures.synth_ckpt import write_synth_checkpoint
+from parity.detections import detection_summary
 from parity.golden import format_results, run_golden, write_json
 
 from .common import add_output, parse_args
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _step("3/5 golden parity check (every recorded official tap)")
     model = create_model("d0", checkpoint=pth, image_size=256)
-    lines, ok = [], True
+    lines, detections, ok = [], [], True
     for name in ("tensors_random.npz", "tensors_chelsea.npz"):
         results = run_golden(model, GOLDEN / "efficientdet-d0" / name)
         table = format_results(results)
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         worst = max((r for r in results if r.bound), key=lambda r: r.max_abs_err / r.bound)
         lines.append(f"| {name} | {len(results)} | {sum(r.passed for r in results)} | "
                      f"{worst.key} ({worst.max_abs_err:.2e} of {worst.bound:.2e}) |")
+        detections += detection_summary(results)
         (out / f"parity-{name.removesuffix('.npz')}.txt").write_text(table + "\n")
 
     _step("4/5 official detections beside ours (chelsea)")
@@ -105,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- checkpoint: `{ckpt}` ({same}/{len(ref)} variables bit-identical to the recorded sha256 list)\n"
         f"- converted: `{pth}` (EMA shadows, as the official loader)\n"
         f"- verdict: **{'PASS' if ok else 'FAIL'}** — every tap within tolerance "
-        "(parity/rules.py: max(1e-4·(1+max|official|), 3 × our own fp32-vs-fp64 gap); detections matched "
-        "one to one)\n\n"
+        "(parity/rules.py: max(1e-4·(1+max|official|), 5 × our own fp32-vs-fp64 gap); detections matched "
+        "one to one, parity/detections.py)\n\n"
         "| golden set | taps | passed | closest to its tolerance |\n|---|---|---|---|\n" + "\n".join(lines) + "\n"
+        + "\nDetections (parity/detections.py):\n\n" + "".join(f"- {d}\n" for d in detections)
         + f"\n![official vs ours]({picture.name})\n"
     )
     print(f"\ndemo {'PASSED' if ok else 'FAILED'} in {time.time() - t0:.1f} s. Outputs in {out}/:")

@@ -40,9 +40,15 @@ input/<name>_raw_uint8 (run through the official preprocessing) and every record
 input/<name>_preprocessed without a raw image (fed as recorded). Every key of the file is compared
 and reported (rule tolerance, our measured noise and its allowance); the exit status is 0 only if
 all pass. The rules (parity/rules.py) say why each bound has its size:
-  fp32 recordings:    |ours - official| <= max(1e-4*(1+max|official|), 3 * our fp32-vs-fp64 gap)
+  fp32 recordings:    |ours - official| <= max(1e-4*(1+max|official|), 5 * our fp32-vs-fp64 gap)
   float64 recordings (../shared/golden/fp64, recognised by dtype): our model runs in float64;
                       |ours - official| <= max(2**-50*(1+max|official|), 10 * our float64 noise)
+  detections:         our post-processing on the official heads: strictly equal; end to end: within
+                      8 x our detections' fp32 noise, after taking the official choice where fp32
+                      could make either (class near-ties, soft-NMS order near-ties), with up to
+                      2 L rows unmatched, L = rows our fp32 list loses to our float64 list. When 2 L
+                      covers every row the input is NOISE-DOMINATED and the taps decide. The lines
+                      after the table say how each detection list was decided.
 """
 
 
@@ -80,7 +86,7 @@ examples:
 
 Every backbone block, BiFPN node, head repeat per level, class/box output, pre-NMS tensor and the
 detections are compared in execution order (per tap: max abs / relative error, cosine similarity,
-tolerance max(1e-4*(1+max|ref|), 3 x our fp32-vs-fp64 gap), pass/fail); the first divergent tap is named with the module of ours
+tolerance max(1e-4*(1+max|ref|), 5 x our fp32-vs-fp64 gap), pass/fail); the first divergent tap is named with the module of ours
 and the official layer behind it. Writes OUT/report.json, OUT/report.html (self-contained) and, for
 image inputs, OUT/detections_<case>.png. Exit status 1 when any tap fails, 2 on usage errors.
 The official code is imported from DIR/efficientdet at run time, in a subprocess; nothing of it is

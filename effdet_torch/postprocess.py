@@ -188,12 +188,13 @@ def reduce_candidates(cls: Tensor, box: Tensor, k: int) -> tuple[Tensor, Tensor,
 
 
 def per_class_candidates(cfg: EfficientDetConfig, cls: Tensor, box: Tensor,
-                         anchors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                         anchors: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """COCO-eval NMS inputs of a batch, on the CPU: per image the top ``eval_max_nms_inputs``
-    (anchor, class) logits (ties: lower index), their decoded boxes ``[M, 4]``, sigmoid scores ``[M]``
-    and group ``image · C + class`` ``[M]`` (within a group: top-k order, as the official slices)."""
+    (anchor, class) logits (ties: lower index), their decoded boxes ``[M, 4]``, sigmoid scores ``[M]``,
+    group ``image · C + class`` ``[M]`` (within a group: top-k order, as the official slices) and
+    anchor index within the image ``[M]``."""
     b, n, c = cls.shape
-    flat_boxes, flat_scores, flat_groups = [], [], []
+    flat_boxes, flat_scores, flat_groups, flat_anchors = [], [], [], []
     for i in range(b):
         rows, cls_i, box_i = reduce_candidates(cls[i].detach(), box[i].detach(), cfg.eval_max_nms_inputs)
         cls_np = cls_i.float().cpu().numpy().reshape(-1)
@@ -204,7 +205,8 @@ def per_class_candidates(cfg: EfficientDetConfig, cls: Tensor, box: Tensor,
         flat_boxes.append(dec.detach().float().cpu())
         flat_scores.append(torch.sigmoid(torch.from_numpy(cls_np[top])))
         flat_groups.append(torch.from_numpy(class_idx + i * c))
-    return torch.cat(flat_boxes), torch.cat(flat_scores), torch.cat(flat_groups)
+        flat_anchors.append(rows.cpu()[torch.from_numpy(anchor_idx)])
+    return torch.cat(flat_boxes), torch.cat(flat_scores), torch.cat(flat_groups), torch.cat(flat_anchors)
 
 
 def postprocess_per_class(cfg: EfficientDetConfig, cls: Tensor, box: Tensor, anchors: Tensor,
@@ -221,7 +223,7 @@ def postprocess_per_class(cfg: EfficientDetConfig, cls: Tensor, box: Tensor, anc
     out_classes = np.zeros((b, k), np.float32)
     valid = np.zeros((b,), np.int64)
     scales = _as_scales(image_scale, b)
-    all_boxes, all_scores, groups = per_class_candidates(cfg, cls, box, anchors)
+    all_boxes, all_scores, groups, _ = per_class_candidates(cfg, cls, box, anchors)
     idx, nms_scores, counts = nms_groups(cfg, all_boxes, all_scores, groups, b * c)
     all_boxes = all_boxes.numpy()
     idx, nms_scores, counts = idx.numpy().reshape(b, c, k), nms_scores.numpy().reshape(b, c, k), counts.numpy()

@@ -1,6 +1,7 @@
 """Recorded reference data, shipped as package data so that installed commands find it too:
 ``manifests/`` (the official variables of all 15 variants), ``bn_stats/`` (BN moving-statistics
-side-cars of the synthetic checkpoints) and ``efficientdet-d0/`` (the bundled d0 goldens). See README.md.
+side-cars of the synthetic checkpoints), ``efficientdet-d0/`` (the bundled d0 goldens) and the d5/d7x
+recordings of the detection rule. See README.md.
 
 :func:`find` is the one lookup: ``$EFFDET_GOLDEN_DIR`` when set, else this folder, else the shared
 recordings beside a checkout (``<checkout>/../shared/golden``).

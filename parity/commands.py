@@ -280,7 +280,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     # the image and the official detections: run_ours then computes only the inference path
     sub = {k: v for k, v in ref.items() if k == f"input/{name}_raw_uint8" or k.startswith(f"detections/{name}/")}
-    ours, _, _ = run_ours(model, sub, image_size=hw, device=args.device, detailed=False)
+    ours = run_ours(model, sub, image_size=hw, device=args.device, detailed=False).tensors
     out = Path(args.output or f"{name}_{variant}_parity.png")
     info = render_comparison(ref[f"input/{name}_raw_uint8"], _dets(ref, f"detections/{name}"),
                              _dets(ours, f"detections/{name}"), out, title=f"{variant} / {name} ({source})",

@@ -19,6 +19,7 @@ import numpy as np
 from effdet_torch import files
 
 from .compare import TapStat, family_summary, first_divergence
+from .detections import detection_summary
 
 __all__ = ["Report", "error_chart_png", "format_summary", "format_table", "write_html", "write_json"]
 
@@ -105,6 +106,7 @@ def format_summary(report: Report) -> str:
                      f"{_fmt(f.max_ratio, '7.3f')}  {_cos(f.min_cosine):>11}  {f.worst_tap}")
     first = report.first_divergence
     n_fail = sum(not s.passed for s in report.stats)
+    lines += [""] + detection_summary(report.stats)
     lines.append("")
     if first is None:
         lines.append(f"PASS: {len(report.stats)} taps compared, all within tolerance")
@@ -140,19 +142,23 @@ def _report_dict(report: Report) -> dict:
              "max_err_over_tol": f.max_ratio if np.isfinite(f.max_ratio) else None, "min_cosine": f.min_cosine}
             for f in family_summary(report.stats)
         ],
+        "detections": detection_summary(report.stats),
         "taps": [_tap_json(s) for s in report.stats],
         "timings_s": report.timings,
         "meta": report.meta,
         "notes": report.notes,
         "tolerances": {
             "rules": "parity/rules.py (one rule for golden, compare, record and the tests)",
-            "tensors": "max|ours - ref| <= max(1e-4 * (1 + max|ref|), 3 * gap32), gap32 = our own fp32-vs-fp64 "
+            "tensors": "max|ours - ref| <= max(1e-4 * (1 + max|ref|), 5 * gap32), gap32 = our own fp32-vs-fp64 "
                        "difference at that tap (measured unless --strict); float64 references: "
                        "max(2**-50 * (1 + max|ref|), 10 * noise64)",
             "classes0": "equal except argmax near-ties (official logit gap within the class-logit bound)",
             "detections": "one-to-one match, same class; on the official heads |dscore| <= 1e-5 and IoU >= 0.9999; "
-                          "end to end within max(1e-5, 6 sigma_score) and max(1e-4 (1 + max|box|), 6 sigma_box), "
-                          "sigma = our own detections' fp32-vs-fp64 difference; both decide",
+                          "end to end within max(1e-5, 8 sigma_score) and max(1e-4 (1 + max|box|), 8 sigma_box), "
+                          "sigma = our own detections' fp32-vs-fp64 difference, after taking the official choice "
+                          "at class near-ties and soft-NMS order near-ties; up to 2 L rows unmatched per side, "
+                          "L = rows our fp32 list loses to our float64 list; noise-dominated (decided by the "
+                          "official heads) when 2 L covers every row; both decide (parity/detections.py)",
         },
     }
 
@@ -263,7 +269,7 @@ def write_html(report: Report, path: str | os.PathLike) -> None:
                  f"{_fmt(first.tolerance)} (cosine {_cos(first.cosine)})<br>"
                  f"produced by ours: <code>{e(first.module or '?')}</code>; official: <code>{e(first.official or '?')}</code>"
                  + (f"<br>{e(first.note)}" if first.note else "") + "</div>")
-    for note in report.notes:
+    for note in report.notes + detection_summary(report.stats):
         p.append(f"<div class='box'>{e(note)}</div>")
     p.append("<h2>Error profile</h2>" + _img_tag(error_chart_png(report.stats), "error per tap"))
     p.append("<h2>Largest error per tap family</h2><table><tr><th class='l'>family</th><th>taps</th><th>failed</th>"

@@ -1,6 +1,7 @@
 """Verdicts of the parity rules (:mod:`parity.rules`) on one key: a tensor tap (:class:`TapResult`),
-detection rows matched one to one (:func:`match_detections`, :func:`compare_detections`), and the
-class argmax near-ties (:func:`class_tie_result`). Used by :mod:`parity.compare`, the one runner."""
+detection rows matched one to one (:func:`match_detections`; the end-to-end judgement is
+:mod:`parity.detections`), and the class argmax near-ties (:func:`class_flips`,
+:func:`class_tie_result`). Used by :mod:`parity.compare`, the one runner."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -9,9 +10,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .rules import DETECTION_NOISE_FACTOR, IOU_MIN, NOISE_FACTOR, REL_TOL, SCORE_TOL
+from .rules import IOU_MIN, REL_TOL, SCORE_TOL, class_logit_bound
 
-__all__ = ["TapResult", "box_iou", "class_tie_result", "compare_detections", "detection_noise", "match_detections",
+__all__ = ["NearTie", "TapResult", "box_iou", "class_flips", "class_tie_result", "detection_noise", "match_detections",
            "strict_fp32"]
 
 
@@ -26,6 +27,7 @@ class TapResult:
     note: str = ""
     noise: float | None = None  # our measured rounding noise here (fp32-vs-fp64 gap, or float64 noise)
     noise_tol: float | None = None  # the noise allowance it gives (see parity.rules)
+    detail: dict | None = None  # structured facts behind the verdict (detections: parity.detections)
 
     @property
     def bound(self) -> float:
@@ -96,7 +98,7 @@ def detection_noise(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple
     """``(max |Δscore|, max |Δbox coordinate|)`` between two detection lists of OUR post-processing on
     our fp32 heads (``a``) and on our float64 heads rounded to fp32 (``b``): the fp32 noise of the
     detections. Rows are paired greedily by class and best IoU (> 0.5), highest score first; rows
-    without a partner (ties at the cut-off) do not count."""
+    without a partner (ties at the cut-off) and coordinates that overflow do not count."""
     ab, as_, ac = (np.asarray(a[k], np.float64) for k in ("boxes", "scores", "classes"))
     bb, bs, bc = (np.asarray(b[k], np.float64) for k in ("boxes", "scores", "classes"))
     used = np.zeros(len(bs), bool)
@@ -112,96 +114,57 @@ def detection_noise(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple
         j = cand[k]
         used[j] = True
         ds = max(ds, float(abs(as_[i] - bs[j])))
-        db = max(db, float(np.abs(ab[i] - bb[j]).max()))
+        with np.errstate(invalid="ignore"):
+            d = np.abs(ab[i] - bb[j])
+        d = d[np.isfinite(d)]  # a coordinate that overflows is no measure of rounding
+        db = max(db, float(d.max()) if d.size else 0.0)
     return ds, db
 
 
-def _describe(m: dict) -> str:
-    note = f"{len(m['pairs'])} matched, {len(m['ties'])} ties"
-    if m["pairs"]:
-        note += f", min IoU {min(p[2] for p in m['pairs']):.6f}"
-    if m["bad_ref"] or m["bad_ours"]:
-        note = (f"{len(m['bad_ref'])} official rows unmatched (first {m['bad_ref'][:3]}), "
-                f"{len(m['bad_ours'])} of ours unmatched; " + note)
-    return note
+@dataclass(frozen=True)
+class NearTie:
+    """An anchor whose top class differs between the official run and ours (classes 0-based)."""
+
+    anchor: int
+    official_class: int
+    our_class: int
+    gap: float  # |official logit of official_class - official logit of our_class|
+
+    def to_json(self) -> dict:
+        return {"anchor": self.anchor, "official_class": self.official_class, "our_class": self.our_class,
+                "gap": self.gap}
 
 
-def compare_detections(prefix: str, npz, ours: dict[str, np.ndarray], ours_n: int,
-                        on_official_heads: dict[str, np.ndarray] | None = None,
-                        noise: tuple[float, float] | None = None) -> list[TapResult]:
-    """Detections of ``prefix`` (``detections/<case>`` or ``eval_detections/<case>``).
+def class_flips(ref_cls0: np.ndarray, our_cls0: np.ndarray, ref_logits: np.ndarray,
+                bound: float) -> tuple[list[NearTie], list[NearTie]]:
+    """Anchors where the official top class ``ref_cls0 [N]`` differs from ours ``our_cls0 [N]``, split
+    into near-ties (official logit gap ``<= bound``; ``ref_logits [N, C]``) and the others."""
+    ref_c = np.asarray(ref_cls0).astype(np.int64).reshape(-1)
+    our_c = np.asarray(our_cls0).astype(np.int64).reshape(-1)
+    logits = np.asarray(ref_logits, np.float64).reshape(len(ref_c), -1)
+    ties, others = [], []
+    for a in np.nonzero(ref_c != our_c)[0]:
+        gap = float(abs(logits[a, ref_c[a]] - logits[a, our_c[a]]))
+        (ties if gap <= bound else others).append(NearTie(int(a), int(ref_c[a]), int(our_c[a]), gap))
+    return ties, others
 
-    ``on_official_heads`` (our post-processing fed the OFFICIAL class/box outputs) must match strictly
-    (same class, ``|Δscore| <= 1e-5``, IoU ≥ 0.9999): the post-processing is bit-exact, so this has no
-    noise. End to end (``ours``: our network) the same matching runs with the noise-aware gates
-    ``score: max(1e-5, 6·σ_score)``, ``box: max(1e-4·(1 + max|box|), 6·σ_box)`` where ``noise =
-    (σ_score, σ_box)`` is our own detections' fp32 noise (:func:`detection_noise`); both decide.
-    """
-    ref_n = int(npz[f"{prefix}/valid_len"])
-    ref = {k: npz[f"{prefix}/{k}"][:ref_n] for k in ("boxes", "scores", "classes")}
-    mine = {k: ours[k][:ours_n] for k in ("boxes", "scores", "classes")}
-    box_rule = REL_TOL * (1 + float(np.abs(ref["boxes"]).max())) if ref_n else 0.0
-    s_noise, b_noise = noise if noise is not None else (None, None)
-    score_tol = max(SCORE_TOL, DETECTION_NOISE_FACTOR * s_noise) if s_noise is not None else SCORE_TOL
-    box_tol = max(box_rule, DETECTION_NOISE_FACTOR * b_noise) if b_noise is not None else box_rule
-    m = match_detections(ref, mine, box_tol, score_tol)
-    ok = not m["bad_ref"] and not m["bad_ours"]
-    note = "end-to-end: " + _describe(m)
-    if noise is not None:
-        note += f" (gates: score {score_tol:.1e}, box {box_tol:.1e}; fp32 noise {s_noise:.1e} / {b_noise:.1e})"
-    if on_official_heads is not None:
-        strict = match_detections(ref, on_official_heads)
-        ok = ok and not strict["bad_ref"] and not strict["bad_ours"]
-        note = "on the official heads: " + _describe(strict) + "; " + note
-    pi = np.array([p[0] for p in m["pairs"]], int)
-    pj = np.array([p[1] for p in m["pairs"]], int)
-    out = []
-    for k, tol, nz in (("boxes", box_rule, b_noise), ("scores", SCORE_TOL, s_noise), ("classes", 0.0, None)):
-        key = f"{prefix}/{k}"
-        if key not in npz:
-            continue
-        r, o = np.asarray(ref[k], np.float64)[pi], np.asarray(mine[k], np.float64)[pj]
-        err = float(np.abs(r - o).max()) if len(pi) else 0.0
-        scale = float(np.abs(ref[k]).max()) if ref_n else 0.0
-        n_tol = DETECTION_NOISE_FACTOR * nz if nz is not None else None
-        out.append(TapResult(key, tuple(npz[key].shape), err, err / scale if scale else err, tol,
-                             ok and err <= max(tol, n_tol or 0.0), note, noise=nz, noise_tol=n_tol))
-    if f"{prefix}/valid_len" in npz:
-        out.append(TapResult(f"{prefix}/valid_len", (), float(abs(ref_n - ours_n)), 0.0, 0.0,
-                             ref_n == ours_n or ok, f"official {ref_n}, ours {ours_n}"))
-    gkey = f"{prefix}/generate_detections"
-    if gkey in npz:  # official [K, 7] rows: [image_id, xmin, ymin, xmax, ymax, score, class]
-        g = np.asarray(npz[gkey], np.float64)[:ref_n]
-        b = np.asarray(mine["boxes"], np.float64).reshape(-1, 4)
-        source_id = g[0, 0] if len(g) else 0.0
-        rows = np.concatenate([np.full((len(b), 1), source_id), b[:, [1, 0, 3, 2]],
-                               np.asarray(mine["scores"], np.float64)[:, None],
-                               np.asarray(mine["classes"], np.float64)[:, None]], 1)
-        err = float(np.abs(g[pi] - rows[pj]).max()) if len(pi) else 0.0
-        scale = float(np.abs(g).max()) if len(g) else 0.0
-        t = REL_TOL * (1 + scale)
-        n_tol = DETECTION_NOISE_FACTOR * max(s_noise, b_noise) if noise is not None else None
-        out.append(TapResult(gkey, tuple(npz[gkey].shape), err, err / scale if scale else err, t,
-                             ok and err <= max(t, n_tol or 0.0), note, noise=None if noise is None else
-                             max(s_noise, b_noise), noise_tol=n_tol))
-    return out
 
 
 def class_tie_result(key: str, ref_cls0: np.ndarray, our_cls0: np.ndarray, ref_logits: np.ndarray | None,
                      logit_noise: float | None = None) -> TapResult:
-    """``pre_nms/classes0``: equal, except argmax near-ties — rows whose two classes' OFFICIAL logits
-    differ by less than the class-logit bound (``max(1e-4·(1 + max|logit|), 3·gap32 of the logits)``)."""
-    diff = np.nonzero(ref_cls0.astype(np.int64) != our_cls0.astype(np.int64))[0]
+    """``pre_nms/classes0``: equal, except argmax near-ties — anchors whose two classes' OFFICIAL logits
+    differ by at most the class-logit bound (:func:`~parity.rules.class_logit_bound`)."""
+    n_diff = int((np.asarray(ref_cls0).astype(np.int64) != np.asarray(our_cls0).astype(np.int64)).sum())
     if ref_logits is None:
-        return TapResult(key, ref_cls0.shape, float(len(diff)), 0.0, 0.0, len(diff) == 0, f"{len(diff)} differ")
-    tol = max(REL_TOL * (1 + float(np.abs(ref_logits).max())),
-              NOISE_FACTOR * logit_noise if logit_noise is not None else 0.0)
-    rows = ref_logits[diff]
-    gaps = np.abs(rows[np.arange(len(diff)), ref_cls0[diff].astype(int)] - rows[np.arange(len(diff)), our_cls0[diff].astype(int)])
-    ok = bool((gaps <= tol).all())
-    return TapResult(key, ref_cls0.shape, float(len(diff)), 0.0, 0.0, ok,
-                     f"{len(diff)} argmax flips, all near-ties (official logit gap <= {tol:.2e})" if ok
-                     else f"{int((gaps > tol).sum())} class differences that are not near-ties (logit gap > {tol:.2e})",
+        return TapResult(key, ref_cls0.shape, float(n_diff), 0.0, 0.0, n_diff == 0, f"{n_diff} differ")
+    tol = class_logit_bound(float(np.abs(ref_logits).max()), logit_noise)
+    ties, others = class_flips(ref_cls0, our_cls0, ref_logits, tol)
+    ok = not others
+    return TapResult(key, ref_cls0.shape, float(n_diff), 0.0, 0.0, ok,
+                     f"{n_diff} argmax flips, all near-ties (official logit gap <= {tol:.2e})" if ok
+                     else f"{len(others)} class differences that are not near-ties (logit gap > {tol:.2e}; "
+                          f"largest {max(t.gap for t in others):.2e} at anchor "
+                          f"{max(others, key=lambda t: t.gap).anchor})",
                      noise=logit_noise)
 
 
