@@ -340,7 +340,7 @@ def test_broken_models_fail_end_to_end(name, d0_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, variant, seed", [("efficientdet-d5-seed5", "d5", 5), ("efficientdet-d7x", "d7x", 1234)])
 def test_official_recordings_with_near_ties_and_chaos(name, variant, seed, tmp_path):
-    """Two recordings of the official model (golden/<name>/meta.json): d5 with rule seed 5, where the
+    """Two recordings of the official model (golden/detection_rule/<name>/meta.json): d5 with rule seed 5, where the
     official fp32 run decides 15 class near-ties and 6 soft-NMS orders the other way, and the untrained
     d7x, chaotic on the random input. Every key passes; d5 after aligning the near-ties (its lists are
     not noise-dominated: our own fp32 loses no row), d7x as noise-dominated, its official heads strict."""
@@ -354,7 +354,7 @@ def test_official_recordings_with_near_ties_and_chaos(name, variant, seed, tmp_p
                            bn_stats_path=PROJECT_GOLDEN / "bn_stats" / f"{name}.npz", golden_dir=PROJECT_GOLDEN,
                            progress=False)
     model = create_model(variant, checkpoint=tmp_path, image_size=256)
-    results = run_golden(model, PROJECT_GOLDEN / name / "tensors_random.npz")
+    results = run_golden(model, PROJECT_GOLDEN / "detection_rule" / name / "tensors_random.npz")
     bad = [f"{r.key}: {r.note}" for r in results if not r.passed]
     assert not bad and len(results) >= 24, bad
     detail = {r.key.rsplit("/", 1)[0]: r.detail for r in results if r.detail}
