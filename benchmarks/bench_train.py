@@ -92,7 +92,7 @@ class EffdetTrainer:
             det = self.predict(x[None], img_info={"img_scale": scale.reshape(1), "img_size": torch.tensor([[1e9, 1e9]])})[0]
             det = det[det[:, 4] > 0].numpy()  # [x1, y1, x2, y2, score, class] in original pixels
             rows.append(rows_to_array(image_id, det[:, [1, 0, 3, 2]], det[:, 4], det[:, 5]))
-        stats, _ = evaluate_coco(doc, np.concatenate(rows), cat_map, val.image_ids, verbose=False)
+        stats, _, _ = evaluate_coco(doc, np.concatenate(rows), cat_map, val.image_ids, verbose=False)
         return float(stats[0])
 
 

@@ -90,8 +90,8 @@ def main(argv=None) -> int:
         cat_map = category_mapping(doc["categories"], cfg.num_classes)
         pseudo = annotations_from_detections(doc, cpu.per_image, cat_map, clip=False)
         pmap = category_mapping(pseudo["categories"], cfg.num_classes)
-        s_cpu, _ = evaluate_coco(pseudo, cpu.rows, pmap, cpu.image_ids, verbose=False)
-        s_gpu, _ = evaluate_coco(pseudo, gpu.rows, pmap, gpu.image_ids, verbose=False)
+        s_cpu, _, _ = evaluate_coco(pseudo, cpu.rows, pmap, cpu.image_ids, verbose=False)
+        s_gpu, _, _ = evaluate_coco(pseudo, gpu.rows, pmap, gpu.image_ids, verbose=False)
         d_ap = s_gpu - s_cpu
         run_to_run = bool(np.array_equal(gpu1.rows, gpu.rows))
 

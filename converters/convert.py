@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from effdet_torch.checkpoint import load_state_dict_file, register_checkpoint_loader, torch_writer
-from effdet_torch.config import VARIANTS, resolve_variant_name
+from effdet_torch.checkpoint import load_state_dict_file, register_checkpoint_loader, weights_writer
+from effdet_torch.config import VARIANTS, AnchorConfig, EfficientDetConfig, resolve_variant_name
 from effdet_torch.files import atomic_write, sha256_file
 
 from . import EMA_SUFFIX, OFFICIAL_CLASS_BIAS
@@ -97,6 +97,11 @@ def _check_fit(source: CheckpointSource, entries: list[MapEntry], variant: str, 
         n, got, want = bad_shapes[0]
         lines.append(f"first shape mismatch: {n}: checkpoint {list(got)} vs {variant} {list(want)}"
                      f" ({len(bad_shapes)} variables of the wrong shape)")
+        box = [(g, w) for name, g, w in bad_shapes if name.endswith("box-predict/bias")]
+        if box and box[0][0][-1] % 4 == 0:
+            lines.append(f"its box predictor has {box[0][0][-1] // 4} anchors per location, this configuration "
+                         f"{box[0][1][-1] // 4}: it was trained with other anchors; give them with --hparams "
+                         "(the run's config.yaml, or e.g. 'num_scales=3,aspect_ratios=1.0*2.0*0.5*4.0')")
     if missing:
         lines.append(f"{len(missing)} variables missing: {_fmt(missing)}")
     if unexpected:
@@ -110,23 +115,25 @@ def _check_fit(source: CheckpointSource, entries: list[MapEntry], variant: str, 
     raise ConversionError("; ".join(lines))  # one line: file, fault, first variable and shapes
 
 
-def official_num_classes(source: CheckpointSource, variant: str) -> int | None:
+def official_num_classes(source: CheckpointSource, variant: str, anchors: AnchorConfig | None = None) -> int | None:
     """Classes of an official checkpoint: its class predictor's bias (raw or EMA) has ``A · classes``
-    channels; None when the checkpoint has neither."""
-    anchors = VARIANTS[resolve_variant_name(variant)].num_anchors
+    channels (``A`` of ``anchors``, default the official ones); None when the checkpoint has neither."""
+    per = (anchors or VARIANTS[resolve_variant_name(variant)].anchors).num_anchors
     for key in (OFFICIAL_CLASS_BIAS, OFFICIAL_CLASS_BIAS + EMA_SUFFIX):
         if key in source:
-            return int(source.shape(key)[0]) // anchors
+            return int(source.shape(key)[0]) // per
     return None
 
 
 def convert_checkpoint(path: str | os.PathLike, variant: str, ema: bool = True,
-                       num_classes: int | None = None, progress: bool = False) -> ConversionResult:
-    """Convert an official checkpoint of ``variant`` (TF1 dir/prefix/tarball or Keras ``.h5``)."""
+                       num_classes: int | None = None, progress: bool = False,
+                       anchors: AnchorConfig | None = None) -> ConversionResult:
+    """Convert an official checkpoint of ``variant`` (TF1 dir/prefix/tarball or Keras ``.h5``) trained
+    with ``anchors`` (default the official ones: they set the box/class predictors' shapes)."""
     variant = resolve_variant_name(variant)
     with open_checkpoint(path) as source:
-        classes = num_classes if num_classes is not None else official_num_classes(source, variant)
-        entries = name_map_for(variant, num_classes=classes)
+        classes = num_classes if num_classes is not None else official_num_classes(source, variant, anchors)
+        entries = name_map_for(variant, num_classes=classes, anchors=anchors)
         ignored = _check_fit(source, entries, variant, ema)
         take_ema = source.kind == "tf1" and ema
         it = entries
@@ -150,24 +157,20 @@ def convert_checkpoint(path: str | os.PathLike, variant: str, ema: bool = True,
                                 len(entries), ignored)
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, force: bool = False,
-                    metadata: dict[str, str] | None = None) -> str:
-    """Write ``.pth`` (torch.save) or ``.safetensors`` atomically; return the file's sha256."""
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, cfg: EfficientDetConfig,
+                    force: bool = False) -> str:
+    """Write ``.pth`` (torch.save) or ``.safetensors`` atomically with the record of ``cfg`` (the model
+    the weights belong to: :func:`effdet_torch.checkpoint.model_record`); return the file's sha256
+    (the same weights and record give the same bytes)."""
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path}: already exists; pass --force (force=True) to overwrite")
-    state = {k: v.contiguous() for k, v in state.items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
-    else:
-        atomic_write(path, torch_writer(state))  # same weights, same sha256
+    atomic_write(path, weights_writer(state, cfg, path))
     return sha256_file(path)
 
 
 @register_checkpoint_loader
-def load_official(path: str, variant: str, ema: bool = True) -> dict[str, torch.Tensor]:
+def load_official(path: str, variant: str, ema: bool = True, anchors: AnchorConfig | None = None) -> dict[str, torch.Tensor]:
     """The reader ``effdet_torch.create_model``/``load_checkpoint`` use for official checkpoints
     (registered as the ``effdet_torch.checkpoint_loaders`` entry point)."""
-    return convert_checkpoint(path, variant, ema=ema).state_dict
+    return convert_checkpoint(path, variant, ema=ema, anchors=anchors).state_dict

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from effdet_torch.bifpn import FastAttnFusion
-from effdet_torch.config import get_config
+from effdet_torch.config import AnchorConfig, get_config
 from effdet_torch.model import EfficientDet
 from effdet_torch.ops import BatchNorm2d, SeparableConv2d
 
@@ -133,10 +133,11 @@ def build_name_map(model: nn.Module) -> list[MapEntry]:
     return [MapEntry(rows[k][0], k, rows[k][1], rows[k][1].tf_shape(tuple(v.shape))) for k, v in state.items()]
 
 
-def name_map_for(variant: str, num_classes: int | None = None) -> list[MapEntry]:
-    """The map of an official variant, built on the meta device (no memory, no weights)."""
+def name_map_for(variant: str, num_classes: int | None = None, anchors: AnchorConfig | None = None) -> list[MapEntry]:
+    """The map of an official variant (with ``num_classes`` and ``anchors``, which set the predictors'
+    shapes), built on the meta device (no memory, no weights)."""
     with torch.device("meta"):
-        model = EfficientDet(get_config(variant, num_classes=num_classes))
+        model = EfficientDet(get_config(variant, num_classes=num_classes, anchors=anchors))
     return build_name_map(model)
 
 

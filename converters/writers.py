@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from effdet_torch.checkpoint import CheckpointError, num_classes_of
-from effdet_torch.config import VARIANTS, get_config, resolve_variant_name
+from effdet_torch.config import VARIANTS, AnchorConfig, get_config, resolve_variant_name
 from effdet_torch.files import atomic_write
 from effdet_torch.model import EfficientDet, state_dict_mismatch
 
@@ -40,7 +40,6 @@ __all__ = [
     "keras_layer_names",
     "keras_weight_order",
     "official_arrays",
-    "official_hparams",
     "tf1_keys",
     "weight_names_chunks",
     "write_keras_h5",
@@ -60,20 +59,22 @@ class ExportError(CheckpointError):
     """The state dict does not fit the variant, or holds values the official format cannot take."""
 
 
-def official_arrays(state: Mapping[str, torch.Tensor], variant: str,
-                    source: str = "state dict") -> tuple[list[MapEntry], dict[str, np.ndarray]]:
-    """The map of ``variant`` (with the state's class count) and every official variable as a
-    float32 TF-layout array (``HWIO`` kernels, ``HWC1`` depthwise kernels, vectors, scalars).
+def official_arrays(state: Mapping[str, torch.Tensor], variant: str, source: str = "state dict",
+                    anchors: AnchorConfig | None = None) -> tuple[list[MapEntry], dict[str, np.ndarray]]:
+    """The map of ``variant`` (with the state's class count and ``anchors``, default the official
+    ones) and every official variable as a float32 TF-layout array (``HWIO`` kernels, ``HWC1``
+    depthwise kernels, vectors, scalars).
 
     Raises :class:`ExportError` naming ``source`` and the first missing / unexpected / misshapen /
     non-finite key.
     """
     variant = resolve_variant_name(variant)
+    anchors = anchors or VARIANTS[variant].anchors
     try:
-        classes = num_classes_of(state, VARIANTS[resolve_variant_name(variant)].num_anchors)
-    except ExportError as e:
+        classes = num_classes_of(state, anchors.num_anchors)
+    except CheckpointError as e:
         raise ExportError(f"{source}: {e}") from None
-    entries = name_map_for(variant, num_classes=classes)
+    entries = name_map_for(variant, num_classes=classes, anchors=anchors)
     parts = state_dict_mismatch(state, {e.torch_key: _torch_shape(e) for e in entries})
     if parts:
         raise ExportError(f"{source}: does not fit {variant} ({classes} classes); " + "; ".join(parts))
@@ -109,7 +110,8 @@ def tf1_keys(entries: list[MapEntry]) -> list[str]:
 
 
 def write_tf1_checkpoint(state: Mapping[str, torch.Tensor], variant: str, out_dir: str | os.PathLike,
-                         global_step: int = 0, force: bool = False, source: str = "state dict") -> Path:
+                         global_step: int = 0, force: bool = False, source: str = "state dict",
+                         anchors: AnchorConfig | None = None) -> Path:
     """Write the official TF1 release layout of ``state`` into ``out_dir`` (prefix ``model``).
 
     EMA shadows equal the weights (a torch state dict has one value per variable; the official loader
@@ -121,7 +123,7 @@ def write_tf1_checkpoint(state: Mapping[str, torch.Tensor], variant: str, out_di
         raise FileExistsError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out}: directory is not empty; pass --force (force=True) to replace the checkpoint")
-    entries, arrays = official_arrays(state, variant, source)
+    entries, arrays = official_arrays(state, variant, source, anchors)
     tensors: dict[str, np.ndarray] = {}
     for e in entries:
         tensors[e.tf_name] = arrays[e.tf_name]
@@ -166,11 +168,11 @@ def _scopes(m: nn.Module, prefix: str = "") -> Iterator[str]:
             yield f"{prefix}/{scope}" if prefix else scope
 
 
-def keras_layer_names(variant: str, num_classes: int | None = None) -> list[str]:
+def keras_layer_names(variant: str) -> list[str]:
     """Top-level Keras layers of the official ``EfficientDetNet`` in model order, weightless ones
     (``resample_p7``) included: backbone, ``resample_p6..p{max}``, ``fpn_cells``, ``class_net``, ``box_net``."""
     with torch.device("meta"):
-        model = EfficientDet(get_config(variant, num_classes=num_classes))
+        model = EfficientDet(get_config(variant))
     names: list[str] = []
     for scope in _scopes(model):
         top = scope.split("/")[0]
@@ -246,16 +248,16 @@ def _set_weight_names(group, names: list[str]) -> None:
 
 
 def write_keras_h5(state: Mapping[str, torch.Tensor], variant: str, path: str | os.PathLike,
-                   force: bool = False, source: str = "state dict") -> Path:
-    """Write ``state`` as the official Keras ``model.save_weights('x.h5')`` file, atomically."""
+                   force: bool = False, source: str = "state dict", anchors: AnchorConfig | None = None) -> Path:
+    """Write ``state`` (a model with ``anchors``, default the official ones) as the official Keras
+    ``model.save_weights('x.h5')`` file, atomically."""
     import h5py
 
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path}: already exists; pass --force (force=True) to overwrite")
-    entries, arrays = official_arrays(state, variant, source)
-    classes = num_classes_of(state, VARIANTS[resolve_variant_name(variant)].num_anchors)
-    layers = keras_layer_names(variant, classes)
+    entries, arrays = official_arrays(state, variant, source, anchors)
+    layers = keras_layer_names(variant)
     order = keras_weight_order(entries)
     unknown = [k for k in order if k not in layers]
     if unknown:  # pragma: no cover - the map and the layer walk come from the same modules
@@ -276,10 +278,3 @@ def write_keras_h5(state: Mapping[str, torch.Tensor], variant: str, path: str | 
 
     atomic_write(path, write)
     return path
-
-
-def official_hparams(variant: str, num_classes: int) -> str:
-    """The ``--hparams`` the official scripts need for a checkpoint with ``num_classes`` classes
-    (empty for the official 90)."""
-    default = VARIANTS[resolve_variant_name(variant)].num_classes
-    return "" if num_classes == default else f"num_classes={num_classes}"

@@ -92,6 +92,25 @@ def add_weights(p: argparse.ArgumentParser, required: bool = True, help: str | N
         _require(p, "weights", "--weights")
 
 
+HPARAMS_HELP = ("what an official checkpoint was trained with, in the official --hparams forms: the run's "
+                "config.yaml, or a string such as 'aspect_ratios=1.0*2.0*0.5,num_scales=3,anchor_scale=4.0,"
+                "num_classes=7' (lists spelled with *; aspect-ratio pairs [x, y] only in YAML): its anchors, "
+                "classes and image size")
+
+
+def add_hparams(p: argparse.ArgumentParser, help: str = HPARAMS_HELP) -> None:
+    """``--hparams FILE|STRING`` (read by :func:`hparams_of`)."""
+    p.add_argument("--hparams", metavar="FILE|STRING", help=help)
+
+
+def hparams_of(args: argparse.Namespace, variant: str):
+    """The parsed ``--hparams`` (:class:`converters.hparams.OfficialHparams`) of ``variant``, or None;
+    ``ValueError`` naming the field at fault."""
+    from converters.hparams import parse_hparams
+
+    return parse_hparams(args.hparams, variant) if getattr(args, "hparams", None) else None
+
+
 def add_output(p: argparse.ArgumentParser, required: bool = False, default=None, help: str = "output path",
                type=None) -> None:
     """``-o/--output PATH``; the old ``--out`` is accepted and hidden from ``--help``."""

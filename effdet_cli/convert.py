@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import golden as golden_data
 from converters import EMA_SUFFIX
 from converters.convert import convert_checkpoint, save_state_dict
+from converters.hparams import parse_hparams
 from converters.download import RELEASE_URLS, DownloadError, download, release_url
 from converters.name_map import format_map, name_map_for
 from converters.sources import RELEASE_SUFFIXES, CheckpointError, find_release_file
+from effdet_torch.checkpoint import num_classes_of
+from effdet_torch.config import get_config
 from effdet_torch.files import sha256_array
 from effdet_torch.model import create_model
 from parity.golden import run_golden
@@ -164,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("pth", "safetensors"), default=None,
                    help="output format (default: from the -o suffix, else pth)")
     p.add_argument("--no-ema", action="store_true", help="take the raw variables instead of the EMA shadows")
+    p.add_argument("--hparams", metavar="FILE|STRING",
+                   help="what the checkpoint was trained with, in the official --hparams forms: the run's config.yaml, "
+                        "or a string such as 'aspect_ratios=1.0*2.0*0.5,num_scales=3,anchor_scale=4.0,num_classes=7' "
+                        "(lists spelled with *; aspect-ratio pairs [x, y] only in YAML). Sets the anchors, classes, "
+                        "class names (a label_map dict) and image size, recorded in the output")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--print-map", action="store_true", help="print the TF-name -> torch-key map and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -188,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         return error(PROG, "the following arguments are required: --variant", EXIT_USAGE)
     args.ckpt = Path(args.weights) if args.weights is not None else None
+    try:
+        hp = parse_hparams(args.hparams, variant) if args.hparams else None
+    except (OSError, ValueError) as e:
+        return error(PROG, str(e), EXIT_USAGE)
     if args.print_map:
-
-        print(format_map(name_map_for(variant)))
+        print(format_map(name_map_for(variant, num_classes=hp and hp.num_classes, anchors=hp and hp.anchors)))
         return 0
     if args.download and args.ckpt is not None:
         return error(PROG, "--download fetches the release file into the working directory; "
@@ -225,15 +237,23 @@ def main(argv: list[str] | None = None) -> int:
         return error(PROG, f"{out} already exists; pass --force to overwrite")
 
     try:
-        res = convert_checkpoint(ckpt, variant, ema=not args.no_ema, progress=progress)
-        meta = {"variant": variant, "source": str(ckpt), "ema": str(res.ema)}
-        digest = save_state_dict(res.state_dict, out, force=args.force,
-                                 metadata=meta if fmt == "safetensors" else None)
-    except (CheckpointError, FileExistsError) as e:
+        anchors = hp.anchors if hp else None
+        res = convert_checkpoint(ckpt, variant, ema=not args.no_ema, progress=progress, anchors=anchors,
+                                 num_classes=hp.num_classes if hp else None)
+        cfg = hp.config(variant) if hp else get_config(variant)
+        classes = num_classes_of(res.state_dict, cfg.num_anchors, source=str(ckpt))
+        names = cfg.class_names if cfg.class_names is not None and len(cfg.class_names) == classes else None
+        cfg = replace(cfg, num_classes=classes, class_names=names)
+        digest = save_state_dict(res.state_dict, out, cfg, force=args.force)
+    except (CheckpointError, FileExistsError, ValueError) as e:
         return error(PROG, str(e))
     weights = {None: "as saved in the .h5", True: "EMA shadows", False: "raw (no EMA)"}[res.ema]
+    official = get_config(variant)
     print(f"variant     {variant}\n"
-          f"source      {ckpt} ({'TF1 checkpoint' if res.source_kind == 'tf1' else 'Keras h5'})\n"
+          + (f"hparams     {args.hparams}: {cfg.num_classes} classes, {cfg.image_size[0]}x{cfg.image_size[1]} (H x W), "
+             f"{cfg.anchors.describe()}" + (" (official)" if cfg.anchors == official.anchors else "") + "\n"
+             if hp else "")
+          + f"source      {ckpt} ({'TF1 checkpoint' if res.source_kind == 'tf1' else 'Keras h5'})\n"
           f"weights     {weights}\n"
           f"variables   {res.n_mapped} mapped, {len(res.ignored)} ignored (optimizer slots / global_step)\n"
           f"parameters  {res.num_params:,}\n"

@@ -26,11 +26,13 @@ from evaluation.coco import (
     COCO_METRIC_NAMES,
     CocoEvalImages,
     ImageDecodeError,
+    ap_per_class,
     category_mapping,
     check_scorable,
     coco_results,
     evaluate_coco,
     format_metrics,
+    format_per_class,
     load_annotations,
 )
 from evaluation.evaluate import broadcast_from_rank0, init_distributed, run_eval
@@ -105,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--post-workers", type=count_or_auto, default="auto",
                    help="processes for the soft-NMS (0: in the main process; auto: from 32 images on, half "
                         "the CPUs the network leaves free)")
-    p.add_argument("--category-map", choices=("auto", "coco", "sorted"), default="auto",
-                   help="class→category id: coco = identity (official 90-class ids), sorted = i-th category "
-                        "of the annotation file by id; auto = coco for 90-class models on ids within 1..90")
+    p.add_argument("--category-map", choices=("auto", "names", "coco", "sorted"), default="auto",
+                   help="class→category id: names = by the class names the weights record (models trained here), "
+                        "coco = identity (official 90-class ids), sorted = i-th category of the annotation file by "
+                        "id; auto = names when the file names every recorded class, else coco for 90-class models "
+                        "on ids within 1..90, else sorted")
     p.add_argument("--expect-official", action="store_true",
                    help=f"fail unless |AP - official val2017 AP| <= {OFFICIAL_AP_TOLERANCE} (full val2017 only)")
     p.add_argument("--allow-tf32", action="store_true",
@@ -168,7 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             why.append(f"the official AP is for the 90-class COCO checkpoint, not {cfg.num_classes} classes")
         if why:
             return fail("--expect-official: " + "; ".join(why), EXIT_USAGE)
-    cat_map = category_mapping(doc.get("categories", []), cfg.num_classes, args.category_map)
+    try:
+        cat_map = category_mapping(doc.get("categories", []), cfg.num_classes, args.category_map, cfg.class_names)
+    except ValueError as e:
+        return fail(str(e), EXIT_USAGE)
     try:
         ds = CocoEvalImages(doc, args.images, cfg.image_size, cfg.mean_rgb, cfg.stddev_rgb, args.max_images)
     except FileNotFoundError as e:
@@ -191,10 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = coco_results(out.rows, cat_map, out.row_image_ids)
             write_json(args.output, res, indent=None)
             log(f"wrote {len(res)} detections to {args.output}")
-        stats = None
+        stats, per_class = None, {}
         if "annotations" in doc:
-            stats, _ = evaluate_coco(doc, out.rows, cat_map, out.image_ids, out.row_image_ids, verbose=True)
+            scores = evaluate_coco(doc, out.rows, cat_map, out.image_ids, out.row_image_ids, verbose=True)
+            stats = scores.stats
+            per_class = ap_per_class(scores, cat_map, cfg.class_names, doc.get("categories", []))
             log(format_metrics(stats))
+            log(format_per_class(per_class))
         else:
             log("the annotation file has no 'annotations': detections written, nothing scored")
         if args.expect_official:
@@ -207,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "detections": int(len(out.rows)), "device": str(device), "world_size": dist.world_size,
                 "batch_size": args.batch_size, "seconds": wall,
                 "metrics": None if stats is None else dict(zip(COCO_METRIC_NAMES, [float(v) for v in stats])),
+                "per_class": per_class or None,
             }
             write_json(args.metrics_out, facts)
     code = broadcast_from_rank0(code) if dist.enabled else code

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 from converters.sources import CheckpointError
-from converters.writers import official_hparams, write_keras_h5, write_tf1_checkpoint
+from converters.hparams import hparams_for
+from converters.writers import write_keras_h5, write_tf1_checkpoint
 from effdet_torch.checkpoint import num_classes_of
-from effdet_torch.config import VARIANTS, parse_image_size, resolve_variant_name
+from effdet_torch.config import VARIANTS, get_config, parse_image_size, resolve_variant_name
 from effdet_torch.files import atomic_write
 from effdet_torch.model import create_model, load_checkpoint
 from export.network import export_program, save_program
@@ -180,25 +181,41 @@ def _torch_export(args: argparse.Namespace) -> int:
 
 
 def _official(args: argparse.Namespace) -> int:
-    state = load_checkpoint(args.weights, args.variant)
-    classes = num_classes_of(state, VARIANTS[resolve_variant_name(args.variant)].num_anchors, source=str(args.weights))
+    ckpt = load_checkpoint(args.weights, args.variant)
+    variant = resolve_variant_name(args.variant)
+    rec = ckpt.record or {}
+    if rec and rec["variant"] != variant:
+        raise CheckpointError(f"{args.weights}: holds {rec['variant']} weights (its record), not {variant}")
+    anchors = rec.get("anchors") or VARIANTS[variant].anchors
+    classes = num_classes_of(ckpt.state, anchors.num_anchors, source=str(args.weights))
+    cfg = get_config(variant, image_size=rec.get("image_size"), num_classes=classes, anchors=anchors,
+                     class_names=rec.get("class_names"))
+    hp, hp_yaml = hparams_for(cfg)  # before writing: anchors the official code cannot build are refused
+    yaml_path = (args.output / "config.yaml" if args.command == "tf1" else args.output.with_suffix(".yaml"))
+    if hp is None and yaml_path.exists() and not args.force:
+        raise FileExistsError(f"{yaml_path} already exists; pass --force to overwrite")
     if args.command == "tf1":
-        out = write_tf1_checkpoint(state, args.variant, args.output, global_step=args.global_step,
-                                   force=args.force, source=str(args.weights))
+        out = write_tf1_checkpoint(ckpt.state, variant, args.output, global_step=args.global_step,
+                                   force=args.force, source=str(args.weights), anchors=anchors)
         what = "TF1 checkpoint (raw = EMA shadows, global_step %d)" % args.global_step
-        ckpt_flag = f"--weights {out}"
     else:
-        out = write_keras_h5(state, args.variant, args.output, force=args.force, source=str(args.weights))
+        out = write_keras_h5(ckpt.state, variant, args.output, force=args.force, source=str(args.weights),
+                             anchors=anchors)
         what = "Keras .h5 (official save_weights layout)"
-        ckpt_flag = f"--weights {out}"
-    hp = official_hparams(args.variant, classes)
-    print(f"variant     {args.variant} ({classes} classes)\n"
+    if hp is None:  # aspect-ratio pairs: only the YAML form of --hparams spells them
+        import yaml
+
+        atomic_write(yaml_path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(hp_yaml, sort_keys=False)))
+        flag = f" --hparams={yaml_path}"
+    else:
+        flag = f' --hparams="{hp}"' if hp else " (the official configuration: no --hparams needed)"
+    print(f"variant     {variant} ({classes} classes{', ' + anchors.describe() if anchors != VARIANTS[variant].anchors else ''})\n"
           f"format      {what}\n"
-          f"variables   {len(state)}\n"
-          f"output      {out}\n"
-          f"official    --model_name={args.variant}"
-          + (f' --hparams="{hp}"' if hp else " (num_classes 90 is the official default: no --hparams needed)")
-          + f"\nparity      effdet-parity compare --variant {args.variant} {ckpt_flag} --automl-dir DIR")
+          f"variables   {len(ckpt.state)}\n"
+          f"output      {out}" + (f" and {yaml_path} (the anchors' pairs need the YAML form)" if hp is None else "") + "\n"
+          f"official    --model_name={variant}{flag}\n"
+          f"parity      effdet-parity compare --variant {variant} --weights {out} --automl-dir DIR"
+          + (f" --hparams {yaml_path}" if hp is None else (f' --hparams "{hp}"' if hp else "")))
     return 0
 
 

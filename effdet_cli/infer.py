@@ -246,7 +246,9 @@ class Runner:
         self.det = Detector(model)
         self.threshold = args.threshold
         ncls = model.config.num_classes
-        self.names = coco_class_name if ncls == 90 else (lambda c: str(c))
+        names = model.config.class_names  # recorded with the weights of a model trained here
+        self.names = ((lambda c: names[c - 1]) if names is not None else
+                      coco_class_name if ncls == 90 else (lambda c: str(c)))
         self.info = {
             "variant": model.config.name,
             "weights": str(weights),

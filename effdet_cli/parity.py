@@ -27,7 +27,8 @@ from parity.golden import format_results, run_golden, write_json
 from parity.references import GoldenError
 from training import golden as train_golden
 
-from .common import EXIT_USAGE, add_device, add_output, add_variant, add_weights, error, parse_args
+from .common import (EXIT_USAGE, HPARAMS_HELP, add_device, add_hparams, add_output, add_variant, add_weights, error,
+                     hparams_of, parse_args)
 
 GOLDEN_EPILOG = """\
 example:
@@ -61,7 +62,9 @@ def _golden(args: argparse.Namespace) -> int:
     t0 = time.time()
     try:
         hw = parse_image_size(args.image_size) if args.image_size else None
-        model = create_model(args.variant, checkpoint=args.weights, image_size=hw, ema=not args.no_ema)
+        hp = hparams_of(args, args.variant)
+        model = create_model(args.variant, checkpoint=args.weights, image_size=hw, ema=not args.no_ema,
+                             anchors=hp and hp.anchors)
     except (CheckpointError, ValueError) as e:
         return error("effdet-parity golden", str(e))
     torch.set_grad_enabled(False)
@@ -121,6 +124,7 @@ def _add_common(p: argparse.ArgumentParser, official: str) -> None:
     add_weights(p, help="the official checkpoint (TF1 dir/prefix, release tarball, Keras .h5); ours converts "
                         "the same file")
     p.add_argument("--image-size", help="network input size: N or the official 'WxH' (default: the variant's)")
+    add_hparams(p, help=HPARAMS_HELP + "; passed to the official model too")
     add_device(p, help="device of OUR model: cpu, cuda or cuda:N (the official side runs on TF's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     if official == "either":
@@ -142,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", type=Path, help="write one entry per compared key to this JSON file")
     add_device(g)
     g.add_argument("--no-ema", action="store_true", help="load raw variables instead of EMA (must FAIL)")
+    add_hparams(g)
     g.set_defaults(func=_golden)
     c = sub.add_parser("compare", help="layer-by-layer comparison with the live official model or a golden",
                        epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"folder with manifests/ and bn_stats/ (default: ${GOLDEN_ENV}, the installed golden "
                         "package data, <checkout>/../shared/golden)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary line")
+    add_hparams(s, help="a head for other anchors or classes, in the official --hparams forms (config.yaml or "
+                        "'num_classes=7,aspect_ratios=1.0*2.0*0.5*4.0'): the predictors get their shapes, every "
+                        "other variable is the variant's")
     s.set_defaults(func=_synth_ckpt)
     t = sub.add_parser("train-golden", help="compare our training step with a recording of the official trainer",
                        description="Compare our training step with a recording of the official TF trainer.",
@@ -214,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", type=Path, help="write one entry per npz key (max error, tolerance, verdict)")
     t.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     t.add_argument("--quiet", action="store_true", help="print only failing keys and the family summary")
+    add_hparams(t)
     t.set_defaults(func=_train_golden)
     return p
 
@@ -263,8 +272,14 @@ def _synth_ckpt(args: argparse.Namespace) -> int:
                            "replace the checkpoint files there)")
     t0 = time.perf_counter()
     try:
+        head = None
+        if args.hparams:
+            if not (args.variant or args.variant_positional):
+                return error(prog, "--hparams needs --variant NAME (it shapes that variant's head)", EXIT_USAGE)
+            cfg = hparams_of(args, args.variant or args.variant_positional).config(args.variant or args.variant_positional)
+            head = (cfg.num_classes, cfg.num_anchors)
         path = write_synth_checkpoint(what, out, seed=args.seed, bn_stats_path=args.bn_stats, momentum=args.momentum,
-                                      golden_dir=args.golden_dir, progress=False if args.quiet else None)
+                                      golden_dir=args.golden_dir, progress=False if args.quiet else None, head=head)
     except (FileNotFoundError, ValueError) as exc:
         return error(prog, str(exc))
     if not args.quiet:
@@ -282,7 +297,8 @@ def _train_golden(args: argparse.Namespace) -> int:
         hw = parse_image_size(args.image_size) if args.image_size else tuple(meta["image_hw"])
         if args.json and args.json.exists() and not args.force:
             return error(prog, f"{args.json}: exists (pass --force to overwrite)")
-        model = create_model(args.variant, checkpoint=args.weights, image_size=hw)
+        hp = hparams_of(args, args.variant)
+        model = create_model(args.variant, checkpoint=args.weights, image_size=hw, anchors=hp and hp.anchors)
         if meta.get("variant") and meta["variant"] != model.config.name:
             return error(prog, f"{args.golden}: recorded for {meta['variant']}, not {model.config.name}")
         results = train_golden.run_train_golden(model, args.golden)

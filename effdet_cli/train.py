@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from effdet_torch.config import get_config, resolve_variant_name
+from effdet_torch.config import resolve_variant_name
 from evaluation.evaluate import dist_info
 from training.engine import Engine, TrainConfig
-from training.project import dataset_paths, load_project, pixel_scale
+from training.project import dataset_paths, load_project, pixel_scale, project_anchors
 
 from .common import (EXIT_USAGE, VARIANT_HELP, add_device, add_output, add_weights, error, keep_freed_memory, parse_args,
                      variant_type, worker_message)
@@ -112,16 +112,9 @@ def _variant(args) -> str:
 def build_config(args):
     """The engine's :class:`~training.engine.TrainConfig` from the flags and the project file."""
     name = _variant(args)
-    proj = load_project(Path(args.projects_dir) / f"{args.project}.yml")
-    scales = proj.get("anchors_scales")
-    if scales is not None and not all(abs(s - 2 ** (i / 3)) < 1e-6 for i, s in enumerate(scales)):
-        raise ValueError(f"{args.project}.yml: custom anchors_scales {scales} are not supported yet (official 2^(i/3))")
-    ratios = proj.get("anchors_ratios")  # (w, h) pairs; the seed's default spells the official ratios 1, 2, 1/2
-    official = get_config(name).aspect_ratios
-    if ratios is not None and (len(ratios) != len(official)
-                               or not all(abs(w / h - r) < 1e-6 for (w, h), r in zip(ratios, official))):
-        raise ValueError(f"{args.project}.yml: custom anchors_ratios {ratios} are not supported yet (official "
-                         f"width/height ratios {list(official)}, e.g. the seed's [(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)])")
+    path = Path(args.projects_dir) / f"{args.project}.yml"
+    proj = load_project(path)
+    anchors = project_anchors(proj, name, str(path))
     train_ann, train_img = dataset_paths(args.data_path, proj, "train_set")
     val = dataset_paths(args.data_path, proj, "val_set")
     out_dir = Path(args.output) / str(proj["project_name"])
@@ -137,7 +130,7 @@ def build_config(args):
         es_patience=args.es_patience, weights=args.weights, head_only=args.head_only, device=args.device,
         amp=args.amp, workers=args.workers, seed=args.seed, max_steps=args.max_steps, log_path=args.log_path,
         log_interval=args.log_interval, debug=args.debug, force=args.force, deterministic=args.deterministic,
-        extra={"num_gpus": num_gpus})
+        anchors=anchors, extra={"num_gpus": num_gpus})
 
 
 def main(argv: list[str] | None = None) -> int:

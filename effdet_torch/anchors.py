@@ -11,21 +11,24 @@ __all__ = ["decode_boxes", "generate_anchors"]
 
 
 def generate_anchors(cfg: EfficientDetConfig, image_size: tuple[int, int] | None = None) -> np.ndarray:
-    """All anchors, ``[N, 4]`` float32 ``(ymin, xmin, ymax, xmax)`` in network-input pixels.
+    """All anchors of ``cfg.anchors`` (:class:`~effdet_torch.config.AnchorConfig`), ``[N, 4]`` float32
+    ``(ymin, xmin, ymax, xmax)`` in network-input pixels.
 
-    Order: level → location (row-major y, x) → anchor (octave-major, aspect-minor). Per level the
-    stride is ``image / feature`` (float, separately for y and x); per (octave o, aspect a):
-    ``base = anchor_scale · stride · 2^(o / num_scales)``, half sizes ``base·sqrt(a)/2`` (x) and
-    ``base/sqrt(a)/2`` (y); centres ``arange(stride / 2, image, stride)``. Computed in float64 and
-    cast once to float32, as the official numpy code does.
+    Order: level → location (row-major y, x) → anchor shape (scale-major, aspect-minor). Per level
+    the stride is ``image / feature`` (float, separately for y and x); per (scale k, aspect factors
+    (ax, ay)): ``base = anchor_scale_l · stride · k``, half sizes ``base·ax/2`` (x) and ``base·ay/2``
+    (y); centres ``arange(stride / 2, image, stride)``. Computed in float64 in the official order of
+    operations and cast once to float32, as the official numpy code does.
     """
     h, w = image_size or cfg.image_size
     sizes = cfg.feature_sizes((h, w))
-    # One row per anchor shape (octave-major, aspect-minor): 2^(o/n) and the aspect factors.
-    octave = np.repeat(np.arange(cfg.num_scales) / float(cfg.num_scales), len(cfg.aspect_ratios))
-    sqrt_aspect = np.tile(np.sqrt(np.asarray(cfg.aspect_ratios, dtype=np.float64)), cfg.num_scales)
+    a = cfg.anchors
+    # One row per anchor shape (scale-major, aspect-minor): the scale and the (x, y) aspect factors.
+    factors = np.asarray(a.axis_factors(), dtype=np.float64)  # [R, (ax, ay)]
+    scale = np.repeat(np.asarray(a.scales, dtype=np.float64), len(factors))  # [A]
+    ax, ay = np.tile(factors[:, 0], a.num_scales), np.tile(factors[:, 1], a.num_scales)
     per_level = []
-    for lvl in cfg.levels:
+    for lvl, anchor_scale in zip(cfg.levels, a.level_scales(len(cfg.levels))):
         fh, fw = sizes[lvl]
         stride = np.array([sizes[0][0] / float(fh), sizes[0][1] / float(fw)])  # (y, x)
         yc = np.arange(stride[0] / 2, h, stride[0])
@@ -33,9 +36,9 @@ def generate_anchors(cfg: EfficientDetConfig, image_size: tuple[int, int] | None
         if (len(yc), len(xc)) != (fh, fw):
             raise ValueError(f"anchor grid {len(yc)}x{len(xc)} != feature map {fh}x{fw} "
                              f"at level {lvl} for an image of {h}x{w}")
-        base = cfg.anchor_scale * stride[None, :] * (2.0 ** octave)[:, None]  # [A, (y, x)]
-        half_y = base[:, 0] * (1.0 / sqrt_aspect) / 2.0  # [A]
-        half_x = base[:, 1] * sqrt_aspect / 2.0
+        base = anchor_scale * stride[None, :] * scale[:, None]  # [A, (y, x)]
+        half_y = base[:, 0] * ay / 2.0  # [A]
+        half_x = base[:, 1] * ax / 2.0
         cy = np.repeat(yc, fw)[:, None]  # [fh*fw, 1], row-major locations
         cx = np.tile(xc, fh)[:, None]
         grid = np.stack([cy - half_y, cx - half_x, cy + half_y, cx + half_x], axis=-1)  # [fh*fw, A, 4]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 __all__ = [
+    "AnchorConfig",
+    "Aspect",
     "BackboneConfig",
     "BlockArgs",
     "EfficientDetConfig",
@@ -20,6 +22,7 @@ __all__ = [
     "VARIANTS",
     "bifpn_nodes",
     "get_config",
+    "octave_scales",
     "parse_image_size",
     "resolve_variant_name",
 ]
@@ -152,6 +155,138 @@ def bifpn_nodes(min_level: int, max_level: int) -> tuple[FpnNode, ...]:
     return tuple(nodes)
 
 
+Aspect = float | tuple[float, float]  # an official aspect ratio: r (x·√r, y/√r) or an (x, y) pair used as given
+
+
+def octave_scales(num_scales: int) -> tuple[float, ...]:
+    """The official anchor scales of ``num_scales``: ``2 ** (i / num_scales)`` (``anchors.Anchors``'
+    ``2**octave_scale`` with ``octave_scale = i / float(num_scales)``, the same float64 values)."""
+    return tuple(2 ** (i / float(num_scales)) for i in range(num_scales))
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """The anchors of a model (official ``tf2/anchors.py``; the model's head has ``num_anchors`` outputs
+    per location). At level ``l`` with stride ``s_l``, anchor shape ``(scale k, aspect a)`` has the base
+    size ``anchor_scale_l · s_l · k`` and half extents ``base·ax/2`` (x), ``base·ay/2`` (y), where a
+    float ``a`` gives ``(ax, ay) = (√a, 1/√a)`` and an ``(x, y)`` pair is used as given. Shapes are
+    ordered scale-major, aspect-minor.
+
+    - ``anchor_scale``: one float, or one per level (the official hparams accept both);
+    - ``scales``: the multipliers ``k`` — officially the octaves ``2^(i / num_scales)``
+      (:func:`octave_scales`); any other positive list (the seed's ``anchors_scales``) goes beyond
+      the official code: :attr:`official_scales` says which, and exports to the official formats
+      refuse it;
+    - ``aspect_ratios``: floats and/or ``(x, y)`` pairs (the official YAML form; its ``--hparams``
+      string cannot spell pairs).
+    """
+
+    anchor_scale: float | tuple[float, ...] = 4.0
+    scales: tuple[float, ...] = octave_scales(3)
+    aspect_ratios: tuple[Aspect, ...] = (1.0, 2.0, 0.5)
+
+    def __post_init__(self) -> None:
+        a = self.anchor_scale
+        a = tuple(float(v) for v in a) if isinstance(a, (list, tuple)) else a
+        if not (all(_positive(v) for v in a) and a if isinstance(a, tuple) else _positive(a)):
+            raise ValueError(f"anchor_scale must be a positive number or one per level, got {self.anchor_scale!r}")
+        scales = tuple(self.scales) if isinstance(self.scales, (list, tuple)) else None
+        if not scales or not all(_positive(v) for v in scales):
+            raise ValueError(f"anchor scales must be a non-empty list of positive numbers, got {self.scales!r}")
+        ratios = []
+        for r in self.aspect_ratios if isinstance(self.aspect_ratios, (list, tuple)) else [None]:
+            if isinstance(r, (list, tuple)) and len(r) == 2 and all(_positive(v) for v in r):
+                ratios.append((float(r[0]), float(r[1])))
+            elif _positive(r):
+                ratios.append(float(r))
+            else:
+                raise ValueError(f"aspect ratios must be positive numbers or (x, y) pairs of them, got "
+                                 f"{self.aspect_ratios!r}")
+        if not ratios:
+            raise ValueError("aspect ratios must not be empty")
+        object.__setattr__(self, "anchor_scale", float(a) if not isinstance(a, tuple) else a)
+        object.__setattr__(self, "scales", tuple(float(v) for v in scales))
+        object.__setattr__(self, "aspect_ratios", tuple(ratios))
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.scales)
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per location: the head's outputs per location are this × classes (or × 4)."""
+        return self.num_scales * len(self.aspect_ratios)
+
+    @property
+    def official_scales(self) -> bool:
+        """The scales are the official octaves of their count (representable by ``num_scales``)."""
+        return self.scales == octave_scales(self.num_scales)
+
+    def level_scales(self, num_levels: int) -> tuple[float, ...]:
+        """``anchor_scale`` per level (a float repeated, or the per-level list checked for length)."""
+        if isinstance(self.anchor_scale, tuple):
+            if len(self.anchor_scale) != num_levels:
+                raise ValueError(f"anchor_scale has {len(self.anchor_scale)} values for {num_levels} levels")
+            return self.anchor_scale
+        return (self.anchor_scale,) * num_levels
+
+    def axis_factors(self) -> list[tuple[float, float]]:
+        """``(ax, ay)`` per aspect ratio: ``(√a, 1/√a)`` for a float (the official float64
+        arithmetic: ``ax = np.sqrt(a)``, ``ay = 1.0 / ax``), a pair as given."""
+        out = []
+        for r in self.aspect_ratios:
+            if isinstance(r, tuple):
+                out.append(r)
+            else:
+                ax = float(math.sqrt(r))
+                out.append((ax, 1.0 / ax))
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON/YAML-ready: ``anchor_scale`` (float or list), ``scales`` and ``aspect_ratios`` (floats or
+        ``[x, y]``), plus ``num_scales``."""
+        return {"anchor_scale": list(self.anchor_scale) if isinstance(self.anchor_scale, tuple) else self.anchor_scale,
+                "num_scales": self.num_scales, "scales": list(self.scales),
+                "aspect_ratios": [list(r) if isinstance(r, tuple) else r for r in self.aspect_ratios]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AnchorConfig":
+        """The inverse of :meth:`to_dict`; ``scales`` may be left out for the official octaves of
+        ``num_scales`` (the official hparams' form)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"an anchor configuration must be a mapping, got {type(d).__name__}")
+        unknown = set(d) - {"anchor_scale", "num_scales", "scales", "aspect_ratios"}
+        if unknown:
+            raise ValueError(f"unknown anchor field(s) {sorted(unknown)}")
+        scales = d.get("scales")
+        n = d.get("num_scales")
+        if scales is None:
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                raise ValueError(f"num_scales must be a whole number >= 1, got {n!r}")
+            scales = octave_scales(3 if n is None else n)
+        elif n is not None and n != len(scales):
+            raise ValueError(f"num_scales {n} but {len(scales)} scales {list(scales)}")
+        default = cls()
+        return cls(anchor_scale=d.get("anchor_scale", default.anchor_scale), scales=tuple(scales),
+                   aspect_ratios=tuple(tuple(r) if isinstance(r, list) else r
+                                       for r in d.get("aspect_ratios", default.aspect_ratios)))
+
+    def describe(self) -> str:
+        """One line: ``anchor_scale 4.0, scales [1, 1.26, 1.587] (official octaves of 3), aspect
+        ratios [1.0, 2.0, 0.5]``."""
+        scales = "[" + ", ".join(f"{s:.4g}" for s in self.scales) + "]"
+        how = f"official octaves of {self.num_scales}" if self.official_scales else "custom multipliers"
+        ratios = "[" + ", ".join(f"({r[0]:g}, {r[1]:g})" if isinstance(r, tuple) else f"{r:g}"
+                                 for r in self.aspect_ratios) + "]"
+        a = self.anchor_scale
+        a = "[" + ", ".join(f"{v:g}" for v in a) + "]" if isinstance(a, tuple) else f"{a:g}"
+        return f"anchor_scale {a}, scales {scales} ({how}), aspect ratios {ratios}"
+
+
 @dataclass(frozen=True)
 class EfficientDetConfig:
     """Resolved config of one official variant (only what inference and conversion need)."""
@@ -162,14 +297,13 @@ class EfficientDetConfig:
     fpn_channels: int
     fpn_repeats: int
     head_repeats: int
-    anchor_scale: float
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
     min_level: int = 3
     max_level: int = 7
-    num_scales: int = 3
-    aspect_ratios: tuple[float, ...] = (1.0, 2.0, 0.5)
     fpn_weight_method: str = "fastattn"  # 'fastattn' (d0-d5) or 'sum' (d6, d7, d7x, lite*)
     act_type: str = "swish"  # 'swish' (d*) or 'relu6' (lite*)
     num_classes: int = 90
+    class_names: tuple[str, ...] | None = None  # model class i (1-based) is class_names[i - 1]; None: COCO ids
     mean_rgb: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     stddev_rgb: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
     # Official inference post-processing: Gaussian soft-NMS (sigma 0.5, passed to NMSV5 as 0.25).
@@ -186,6 +320,11 @@ class EfficientDetConfig:
     def __post_init__(self) -> None:
         if not self.fpn_nodes:
             object.__setattr__(self, "fpn_nodes", bifpn_nodes(self.min_level, self.max_level))
+        self.anchors.level_scales(len(self.levels))  # a per-level anchor_scale must fit the levels
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
 
     @property
     def levels(self) -> list[int]:
@@ -193,7 +332,7 @@ class EfficientDetConfig:
 
     @property
     def num_anchors(self) -> int:
-        return self.num_scales * len(self.aspect_ratios)
+        return self.anchors.num_anchors
 
     def feature_sizes(self, image_size: tuple[int, int] | None = None) -> dict[int, tuple[int, int]]:
         """Feature map size per level: each level halves with ceil (official ``get_feat_sizes``)."""
@@ -212,7 +351,7 @@ _LITE_STD = (128.0, 128.0, 128.0)
 def _d(name, backbone, size, ch, fpn_rep, head_rep, anchor_scale=4.0, method="fastattn", max_level=7):
     return EfficientDetConfig(
         name=name, backbone=BACKBONES[backbone], image_size=(size, size), fpn_channels=ch,
-        fpn_repeats=fpn_rep, head_repeats=head_rep, anchor_scale=anchor_scale,
+        fpn_repeats=fpn_rep, head_repeats=head_rep, anchors=AnchorConfig(anchor_scale=anchor_scale),
         fpn_weight_method=method, max_level=max_level,
     )
 
@@ -220,7 +359,7 @@ def _d(name, backbone, size, ch, fpn_rep, head_rep, anchor_scale=4.0, method="fa
 def _lite(name, backbone, size, ch, fpn_rep, head_rep, anchor_scale):
     return EfficientDetConfig(
         name=name, backbone=BACKBONES[backbone], image_size=(size, size), fpn_channels=ch,
-        fpn_repeats=fpn_rep, head_repeats=head_rep, anchor_scale=anchor_scale,
+        fpn_repeats=fpn_rep, head_repeats=head_rep, anchors=AnchorConfig(anchor_scale=anchor_scale),
         fpn_weight_method="sum", act_type="relu6", mean_rgb=_LITE_MEAN, stddev_rgb=_LITE_STD,
     )
 
@@ -281,12 +420,19 @@ def parse_image_size(size: int | str | Sequence[int]) -> tuple[int, int]:
 
 
 def get_config(name: str, image_size: int | str | Sequence[int] | None = None,
-               num_classes: int | None = None) -> EfficientDetConfig:
-    """The official config of ``name`` with optional ``image_size`` / ``num_classes`` overrides."""
+               num_classes: int | None = None, anchors: AnchorConfig | None = None,
+               class_names: Sequence[str] | None = None) -> EfficientDetConfig:
+    """The official config of ``name`` with optional ``image_size`` / ``num_classes`` / ``anchors`` /
+    ``class_names`` overrides (``num_classes`` defaults to the number of ``class_names``)."""
     cfg = VARIANTS[resolve_variant_name(name)]
     changes: dict = {}
     if image_size is not None:
         changes["image_size"] = parse_image_size(image_size)
+    if class_names is not None:
+        changes["class_names"] = tuple(class_names)
+        num_classes = len(class_names) if num_classes is None else num_classes
     if num_classes is not None:
         changes["num_classes"] = int(num_classes)
+    if anchors is not None:
+        changes["anchors"] = anchors
     return replace(cfg, **changes) if changes else cfg

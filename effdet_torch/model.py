@@ -13,13 +13,14 @@ from torch import Tensor
 from .backbone import EfficientNetBackbone
 from .bifpn import BiFpn
 from .checkpoint import CheckpointError, load_checkpoint, num_classes_of
-from .config import EfficientDetConfig, get_config
+from .config import AnchorConfig, EfficientDetConfig, get_config
 from .float_env import flush_denormals
 from .head import HeadNet
 from .ops import tf_batch_norm
 from .postprocess import flatten_outputs
 
-__all__ = ["EfficientDet", "compile_network", "create_model", "iter_network", "load_checkpoint", "run_network"]
+__all__ = ["EfficientDet", "compile_network", "create_model", "iter_network", "load_checkpoint", "load_pretrained",
+           "run_network"]
 
 
 class EfficientDet(nn.Module):
@@ -142,7 +143,8 @@ def compile_network(model: nn.Module) -> nn.Module:
 
 
 def create_model(name: str, num_classes: int | None = None, checkpoint: str | os.PathLike | None = None,
-                 image_size: int | str | Sequence[int] | None = None, ema: bool = True) -> EfficientDet:
+                 image_size: int | str | Sequence[int] | None = None, ema: bool = True,
+                 anchors: AnchorConfig | None = None) -> EfficientDet:
     """Build an official EfficientDet variant, optionally loading weights.
 
     Args:
@@ -150,22 +152,41 @@ def create_model(name: str, num_classes: int | None = None, checkpoint: str | os
         num_classes: classes of the class head; if it differs from the checkpoint's, only the class
             predictor is reset (with a warning) and everything else is loaded.
         checkpoint: a converted ``.pth``/``.safetensors`` or an official checkpoint (TF1 dir, prefix,
-            release tarball, Keras ``.h5``).
-        image_size: int, ``(H, W)`` or the official ``'WxH'`` string; default the variant's size.
+            release tarball, Keras ``.h5``). A file written by this project carries the model's
+            record (:func:`~effdet_torch.checkpoint.model_record`): its anchors, class names and
+            image size are the model's, and a different ``anchors`` or variant is a
+            :class:`~effdet_torch.checkpoint.CheckpointError` naming both. Files without a record
+            are official-configuration files (their anchors: ``anchors`` or the official ones).
+        image_size: int, ``(H, W)`` or the official ``'WxH'`` string; default the size the weights
+            were trained at (their record), else the variant's.
         ema: for official checkpoints, take the ExponentialMovingAverage shadows (the official
             loader's choice); ``False`` takes the raw variables.
+        anchors: the anchor configuration (default: the record's, else the official one).
     The model is returned in ``eval()`` mode, its weights in ``channels_last`` (NHWC strides: the
     same numbers, 0.66–0.72× the time of NCHW on CPU, measured in ``benchmarks/``);
     ``model.to(memory_format=torch.contiguous_format)`` gives the NCHW layout back.
     """
-    base = get_config(name, image_size=image_size)
     if checkpoint is None:
-        model = EfficientDet(get_config(name, image_size=image_size, num_classes=num_classes))
+        model = EfficientDet(get_config(name, image_size=image_size, num_classes=num_classes, anchors=anchors))
         return model.eval().to(memory_format=torch.channels_last)
-    state = load_checkpoint(checkpoint, base.name, ema=ema)
-    ckpt_classes = num_classes_of(state, base.num_anchors, source=str(checkpoint))
-    model = EfficientDet(get_config(name, image_size=image_size, num_classes=ckpt_classes))
-    _strict_load(model, state, str(checkpoint))
+    variant = get_config(name).name
+    ckpt = load_checkpoint(checkpoint, variant, ema=ema, anchors=anchors)
+    class_names = None
+    if ckpt.record is not None:
+        rec = ckpt.record
+        if rec["variant"] != variant:
+            raise CheckpointError(f"{checkpoint}: holds {rec['variant']} weights (its record), not {variant}")
+        if anchors is not None and anchors != rec["anchors"]:
+            raise CheckpointError(f"{checkpoint}: trained with anchors {rec['anchors'].describe()}; "
+                                  f"asked to run them with {anchors.describe()}")
+        anchors, class_names = rec["anchors"], rec["class_names"]
+        image_size = rec["image_size"] if image_size is None else image_size
+    anchors = anchors or get_config(name).anchors
+    ckpt_classes = num_classes_of(ckpt.state, anchors.num_anchors, source=str(checkpoint))
+    model = EfficientDet(get_config(name, image_size=image_size, num_classes=ckpt_classes, anchors=anchors,
+                                    class_names=class_names if class_names and len(class_names) == ckpt_classes
+                                    else None))
+    _strict_load(model, ckpt.state, str(checkpoint))
     if num_classes is not None and num_classes != ckpt_classes:
         warnings.warn(
             f"{checkpoint}: checkpoint has {ckpt_classes} classes, asked for {num_classes}; "
@@ -174,6 +195,51 @@ def create_model(name: str, num_classes: int | None = None, checkpoint: str | os
         )
         model.reset_class_head(num_classes)
     return model.eval().to(memory_format=torch.channels_last)
+
+
+PREDICT_LAYERS = ("class_net.predict.", "box_net.predict.")  # the only weights whose shapes anchors/classes set
+
+
+def load_pretrained(model: EfficientDet, checkpoint: str | os.PathLike, ema: bool = True) -> list[str]:
+    """Fine-tuning start: load ``checkpoint`` into ``model`` (a freshly built model of the run's
+    configuration), except the class/box predictor whose shape the run's classes or anchors change —
+    those keep their initialisation. Returns one message per reset or difference worth a warning
+    (another class count or anchor count, other anchors, another image size); every other weight must fit
+    (:class:`~effdet_torch.checkpoint.CheckpointError` otherwise).
+    """
+    cfg = model.config
+    ckpt = load_checkpoint(checkpoint, cfg.name, ema=ema)
+    rec = ckpt.record
+    if rec is not None and rec["variant"] != cfg.name:
+        raise CheckpointError(f"{checkpoint}: holds {rec['variant']} weights (its record), not {cfg.name}")
+    their_anchors = rec["anchors"] if rec is not None else get_config(cfg.name).anchors
+    own = model.state_dict()
+    state = dict(ckpt.state)
+    notes = []
+    for prefix, what in zip(PREDICT_LAYERS, ("class", "box")):
+        keys = [k for k in own if k.startswith(prefix)]
+        if all(k in state and state[k].shape == own[k].shape for k in keys):
+            continue
+        for k in keys:
+            state.pop(k, None)
+        width = int(ckpt.state[prefix + "conv_pw.bias"].shape[0]) if prefix + "conv_pw.bias" in ckpt.state else 0
+        per, unit = their_anchors.num_anchors, "classes" if what == "class" else "box codes"
+        theirs = f"{per} anchors x {width // per} {unit}" if width % per == 0 else f"{width} outputs"
+        mine = f"{cfg.num_anchors} anchors x {cfg.num_classes if what == 'class' else 4} {unit}"
+        notes.append(f"{checkpoint}: the {what} predictor ({prefix.rstrip('.')}) is reset (checkpoint {theirs}, this "
+                     f"model {mine}); every other weight is loaded")
+    if rec is not None and tuple(rec["image_size"]) != tuple(cfg.image_size):
+        notes.append(f"{checkpoint}: trained at {rec['image_size'][0]}x{rec['image_size'][1]} (H x W); this run "
+                     f"trains at {cfg.image_size[0]}x{cfg.image_size[1]}")
+    if their_anchors != cfg.anchors:
+        notes.append(f"{checkpoint}: trained with anchors {their_anchors.describe()}; this run uses "
+                     f"{cfg.anchors.describe()} (box regressions start from the other anchors' where shapes fit)")
+    parts = state_dict_mismatch(state, {k: tuple(v.shape) for k, v in own.items() if k in state or
+                                        not k.startswith(PREDICT_LAYERS)})
+    if parts:
+        raise CheckpointError(f"{checkpoint}: does not fit {cfg.name}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+    return notes
 
 
 def state_dict_mismatch(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:

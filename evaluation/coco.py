@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from effdet_torch.preprocess import preprocess_image
 __all__ = [
     "COCO_METRIC_NAMES",
     "CocoEvalImages",
+    "CocoScores",
+    "ap_per_class",
+    "format_per_class",
     "category_mapping",
     "check_annotations",
     "check_scorable",
@@ -142,25 +145,36 @@ def check_scorable(doc: dict[str, Any], src: str) -> None:
         seen.add(a["id"])
 
 
-def category_mapping(categories: Sequence[dict], num_classes: int, mode: str = "auto") -> np.ndarray:
+def category_mapping(categories: Sequence[dict], num_classes: int, mode: str = "auto",
+                     class_names: Sequence[str] | None = None) -> np.ndarray:
     """``int64 [num_classes + 1]``: model class (1-based) → category id, ``-1`` = no category.
 
-    ``mode``: ``'coco'`` — class == category id (the official 90-class COCO label map);
-    ``'sorted'`` — class ``i`` → the ``i``-th category id of the file sorted by id;
-    ``'auto'`` — ``'coco'`` for a 90-class model on a file whose ids all lie in 1..90, otherwise
-    ``'sorted'`` (for contiguous ids ``1..K`` both agree).
+    ``mode``: ``'names'`` — class ``i`` → the category named ``class_names[i - 1]`` (the names a model
+    trained here records with its weights); ``'coco'`` — class == category id (the official 90-class
+    COCO label map); ``'sorted'`` — class ``i`` → the ``i``-th category id of the file sorted by id;
+    ``'auto'`` — ``'names'`` when the model has class names and the file names every one of them,
+    else ``'coco'`` for a 90-class model on a file whose ids all lie in 1..90, otherwise
+    ``'sorted'`` (for contiguous ids ``1..K`` the last two agree).
     """
     ids = sorted(int(c["id"]) for c in categories)
+    by_name = {str(c.get("name")): int(c["id"]) for c in categories}
     if mode == "auto":
-        mode = "coco" if num_classes == COCO_NUM_CLASSES and all(1 <= i <= COCO_NUM_CLASSES for i in ids) else "sorted"
+        if class_names is not None and len(class_names) == num_classes and all(n in by_name for n in class_names):
+            mode = "names"
+        else:
+            mode = "coco" if num_classes == COCO_NUM_CLASSES and all(1 <= i <= COCO_NUM_CLASSES for i in ids) else "sorted"
     table = np.full((num_classes + 1,), -1, np.int64)
-    if mode == "coco":
+    if mode == "names":
+        if class_names is None or len(class_names) != num_classes:
+            raise ValueError(f"category map 'names': the model records no names for its {num_classes} classes")
+        table[1:] = [by_name.get(str(n), -1) for n in class_names]
+    elif mode == "coco":
         table[1:] = np.arange(1, num_classes + 1)
     elif mode == "sorted":
         n = min(num_classes, len(ids))
         table[1: n + 1] = ids[:n]
     else:
-        raise ValueError(f"unknown category map {mode!r} (auto, coco, sorted)")
+        raise ValueError(f"unknown category map {mode!r} (auto, names, coco, sorted)")
     return table
 
 
@@ -281,16 +295,27 @@ def coco_results(rows: np.ndarray, cat_map: np.ndarray, image_ids: np.ndarray | 
     return out
 
 
+class CocoScores(NamedTuple):
+    """What :func:`evaluate_coco` measures."""
+
+    stats: np.ndarray  # [12]: COCO_METRIC_NAMES
+    text: str  # pycocotools' printed summary
+    per_class: dict[int, float]  # category id -> AP (the official per-class rule; -1: nothing to score)
+
+
 def evaluate_coco(gt: dict[str, Any] | str | os.PathLike, rows: np.ndarray, cat_map: np.ndarray,
                   image_ids: Sequence[int], row_image_ids: np.ndarray | None = None,
-                  verbose: bool = True) -> tuple[np.ndarray, str]:
+                  verbose: bool = True) -> CocoScores:
     """pycocotools bbox evaluation as the official ``coco_metric.EvaluationMetric`` does it.
 
     ``rows``: eval rows ``[N, 7]`` (class column = the model's 1-based class, mapped with
     ``cat_map``); ``image_ids``: every evaluated image (``params.imgIds``; an image without
-    detections still counts its ground truth). Returns (``stats [12]``, pycocotools' printed summary).
-    The detection array handed to ``loadRes`` is float32 like the official one (so box areas are
-    float32 products), unless an id does not fit float32 exactly.
+    detections still counts its ground truth). Returns the 12 numbers, pycocotools' printed
+    summary and the AP of every category of the file, as the official evaluation computes it when
+    it has a label map (``coco_metric.py``: ``precision[:, :, k, area all, maxDets 100]``, the mean
+    of the entries ``> -1``, ``-1`` when there are none). The detection array handed to
+    ``loadRes`` is float32 like the official one (so box areas are float32 products), unless an id
+    does not fit float32 exactly.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -330,7 +355,40 @@ def evaluate_coco(gt: dict[str, Any] | str | os.PathLike, rows: np.ndarray, cat_
     text = summary.getvalue()
     if verbose:
         print(text, end="")
-    return np.asarray(ev.stats, np.float64), text
+    precision = ev.eval["precision"][:, :, :, 0, -1]  # [IoU thresholds, recall points, categories]
+    per_class = {}
+    for k, cat in enumerate(ev.params.catIds):
+        p = precision[:, :, k]
+        p = p[p > -1]
+        per_class[int(cat)] = float(np.mean(p)) if p.size else -1.0
+    return CocoScores(np.asarray(ev.stats, np.float64), text, per_class)
+
+
+def ap_per_class(scores: CocoScores, cat_map: np.ndarray, class_names: Sequence[str] | None,
+                 categories: Sequence[dict]) -> dict[str, float]:
+    """``{"AP_/<name>": AP}`` for every model class (1-based ``i``) mapped to a category of the file,
+    named as the model names it (its recorded class names), else by the file's category name; the
+    official metric names (``coco_metric.py``: ``AP_/<class name>``)."""
+    file_names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+    out = {}
+    for i in range(1, len(cat_map)):
+        cat = int(cat_map[i])
+        if cat < 0 or cat not in scores.per_class:
+            continue
+        name = class_names[i - 1] if class_names is not None else file_names.get(cat, str(cat))
+        out[f"AP_/{name}"] = scores.per_class[cat]
+    return out
+
+
+def format_per_class(per_class: dict[str, float]) -> str:
+    """A table of per-class AP in percent, best first (``n/a``: no ground truth of that class)."""
+    if not per_class:
+        return "AP per class: no class of the model maps to a category of the annotation file"
+    w = max(len(k) - 4 for k in per_class)
+    rows = sorted(per_class.items(), key=lambda kv: -kv[1])
+    lines = [f"{'class':<{w}}  {'AP':>7}"]
+    lines += [f"{k[4:]:<{w}}  {100 * v:>7.3f}" if v >= 0 else f"{k[4:]:<{w}}  {'n/a':>7}" for k, v in rows]
+    return "\n".join(lines)
 
 
 def format_metrics(stats: Sequence[float]) -> str:

@@ -14,6 +14,7 @@ class-agnostic, boxes clipped to the input); for the official soft-NMS run
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from effdet_torch.anchors import generate_anchors
+from effdet_torch.checkpoint import RECORD_KEY, model_record
 from effdet_torch.files import atomic_write
 from effdet_torch.model import EfficientDet
 from effdet_torch.postprocess import flatten_outputs, postprocess_global
@@ -122,6 +124,10 @@ def export_onnx(model: EfficientDet, image_size: tuple[int, int], path: str | os
     proto.doc_string = (f"{model.config.name} at {image_size[0]}x{image_size[1]} (HxW), {model.config.num_classes} "
                         f"classes; input: normalised RGB NCHW (mean {list(model.config.mean_rgb)}, std "
                         f"{list(model.config.stddev_rgb)}); effdet-parity export")
+    # the model's record (effdet_torch.checkpoint.model_record: anchors, classes and their names, image
+    # size), as the .pth/.safetensors files carry it; onnx.load(path).metadata_props holds it
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = RECORD_KEY, json.dumps(model_record(model.config))
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.hparams import parse_hparams
 from converters.sources import CheckpointError
 from effdet_torch.config import get_config, parse_image_size, resolve_variant_name
 from effdet_torch.model import create_model
@@ -97,7 +98,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     live = args.automl_dir is not None
     if live == bool(args.golden):
         return _err("compare", "give either --automl-dir DIR (live official model) or --golden FILE (recorded)", 2)
-    hw = parse_image_size(args.image_size) if args.image_size else None
+    try:
+        hp = parse_hparams(args.hparams, variant) if args.hparams else None
+    except (OSError, ValueError) as e:
+        return _err("compare", str(e), 2)
+    anchors = hp.anchors if hp else None
+    hw = parse_image_size(args.image_size) if args.image_size else (hp.image_size if hp else None)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
@@ -116,8 +122,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             hw = hw or get_config(variant).image_size
             try:
                 run = official_run(args.automl_dir, variant, args.weights, cases, hw, on_progress=prog.official,
-                                   log_path=out / "official_worker.log")
-            except (OfficialError, CheckpointError) as e:
+                                   log_path=out / "official_worker.log", anchors=anchors,
+                                   num_classes=hp.num_classes if hp else None)
+            except (OfficialError, CheckpointError, ValueError) as e:
                 return _err("compare", str(e))
             ref, meta, layer_paths = run.tensors, run.meta, run.meta.get("layer_paths")
             if args.save_official:  # a golden of this run: compare again later with --golden, no TF
@@ -149,7 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         prog.step("ours: loading the checkpoint")
         t0 = time.time()
         try:
-            model = create_model(variant, checkpoint=args.weights, image_size=hw)
+            model = create_model(variant, checkpoint=args.weights, image_size=hw, anchors=anchors)
         except (CheckpointError, ValueError) as e:
             return _err("compare", str(e))
         timings["ours: load + convert"] = time.time() - t0
@@ -188,11 +195,18 @@ def cmd_record(args: argparse.Namespace) -> int:
         cases = _cases(args)
     except (ValueError, FileNotFoundError) as e:
         return _err("record", str(e))
-    hw = parse_image_size(args.image_size) if args.image_size else get_config(variant).image_size
+    try:
+        hp = parse_hparams(args.hparams, variant) if args.hparams else None
+    except (OSError, ValueError) as e:
+        return _err("record", str(e), 2)
+    anchors = hp.anchors if hp else None
+    hw = (parse_image_size(args.image_size) if args.image_size else
+          (hp.image_size if hp and hp.image_size else get_config(variant).image_size))
     prog = _Progress(len(OFFICIAL_STEPS), not args.no_progress)
     try:
-        run = official_run(args.automl_dir, variant, args.weights, cases, hw, on_progress=prog.official)
-    except (OfficialError, CheckpointError) as e:
+        run = official_run(args.automl_dir, variant, args.weights, cases, hw, on_progress=prog.official,
+                           anchors=anchors, num_classes=hp.num_classes if hp else None)
+    except (OfficialError, CheckpointError, ValueError) as e:
         return _err("record", str(e))
     finally:
         prog.close()
@@ -205,7 +219,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
     try:
-        model = create_model(variant, checkpoint=args.weights, image_size=hw)
+        model = create_model(variant, checkpoint=args.weights, image_size=hw, anchors=anchors)
     except (CheckpointError, ValueError) as e:
         print(f"recorded, but our model could not load {args.weights}: {e}", file=sys.stderr)
         return 1
@@ -234,15 +248,21 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         return _err("visualize", "give either --automl-dir DIR (live official model) or --golden FILE (recorded)", 2)
     if not Path(args.image).is_file():
         return _err("visualize", f"{args.image}: no such image")
-    hw = parse_image_size(args.image_size) if args.image_size else None
+    try:
+        hp = parse_hparams(args.hparams, variant) if args.hparams else None
+    except (OSError, ValueError) as e:
+        return _err("visualize", str(e), 2)
+    anchors = hp.anchors if hp else None
+    hw = parse_image_size(args.image_size) if args.image_size else (hp.image_size if hp else None)
     if args.automl_dir is not None:
         name = case_name(args.image)
         hw = hw or get_config(variant).image_size
         prog = _Progress(len(OFFICIAL_STEPS), not args.no_progress)
         try:
             run = official_run(args.automl_dir, variant, args.weights, [Case(name, "image", path=str(args.image))], hw,
-                               eval_detections=False, on_progress=prog.official)
-        except (OfficialError, CheckpointError) as e:
+                               eval_detections=False, on_progress=prog.official, anchors=anchors,
+                               num_classes=hp.num_classes if hp else None)
+        except (OfficialError, CheckpointError, ValueError) as e:
             return _err("visualize", str(e))
         finally:
             prog.close()
@@ -272,7 +292,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             hw = tuple(pre.shape[1:3]) if pre is not None else get_config(variant).image_size
         source = f"golden {args.golden}"
     try:
-        model = create_model(variant, checkpoint=args.weights, image_size=hw)
+        model = create_model(variant, checkpoint=args.weights, image_size=hw, anchors=anchors)
     except (CheckpointError, ValueError) as e:
         return _err("visualize", str(e))
     import torch

@@ -22,6 +22,7 @@ import numpy as np
 
 from converters.convert import official_num_classes
 from converters.sources import CheckpointError, open_checkpoint, safe_extract
+from effdet_torch.config import AnchorConfig
 from effdet_torch.files import sha256_file
 
 from .compare import compare_reference
@@ -59,13 +60,24 @@ def case_name(path: str | os.PathLike) -> str:
     return stem if stem != "random" else "random_image"
 
 
-def detect_num_classes(ckpt: str | os.PathLike, variant: str) -> int | None:
+def detect_num_classes(ckpt: str | os.PathLike, variant: str, anchors: AnchorConfig | None = None) -> int | None:
     """Classes of an official checkpoint (None if unreadable or without a class head)."""
     try:
         with open_checkpoint(ckpt) as src:
-            return official_num_classes(src, variant)
+            return official_num_classes(src, variant, anchors)
     except (CheckpointError, OSError):
         return None
+
+
+def official_anchor_fields(anchors: AnchorConfig) -> dict:
+    """The official config's anchor fields for ``anchors`` (``ValueError`` for scales the official
+    code cannot build: not the octaves of any ``num_scales``)."""
+    if not anchors.official_scales:
+        raise ValueError(f"anchor scales {list(anchors.scales)} are not official octaves: the official model cannot "
+                         "be built with these anchors")
+    a = anchors.anchor_scale
+    return {"num_scales": anchors.num_scales, "anchor_scale": list(a) if isinstance(a, tuple) else a,
+            "aspect_ratios": [list(r) if isinstance(r, tuple) else r for r in anchors.aspect_ratios]}
 
 
 def prepare_official_ckpt(ckpt: str | os.PathLike, tmp: Path) -> str:
@@ -91,8 +103,10 @@ def prepare_official_ckpt(ckpt: str | os.PathLike, tmp: Path) -> str:
 def official_run(automl_dir: str | os.PathLike, variant: str, ckpt: str | os.PathLike, cases: list[Case],
                  image_size: tuple[int, int], num_classes: int | None = None, eval_detections: bool = True,
                  on_progress: Callable[[dict], None] | None = None, python: str | None = None,
-                 log_path: str | os.PathLike | None = None) -> OfficialRun:
-    """Run the official model on ``cases`` in a subprocess; returns its taps and provenance."""
+                 log_path: str | os.PathLike | None = None, anchors: AnchorConfig | None = None) -> OfficialRun:
+    """Run the official model on ``cases`` in a subprocess; returns its taps and provenance. ``anchors``
+    (other than the official ones) are handed to the official config as its ``num_scales``,
+    ``anchor_scale`` and ``aspect_ratios`` (what ``--hparams`` would set there)."""
     automl = Path(automl_dir).expanduser().resolve()
     if not (automl / "efficientdet" / "tf2" / "efficientdet_keras.py").is_file():
         raise OfficialError(f"--automl-dir {automl}: no efficientdet/tf2/efficientdet_keras.py "
@@ -102,7 +116,7 @@ def official_run(automl_dir: str | os.PathLike, variant: str, ckpt: str | os.Pat
         tdir = Path(td)
         ck = prepare_official_ckpt(ckpt, tdir / "ckpt")
         if num_classes is None:
-            num_classes = detect_num_classes(ck, variant)
+            num_classes = detect_num_classes(ck, variant, anchors)
         spec_cases = []
         for c in cases:
             if c.kind == "random":
@@ -119,6 +133,7 @@ def official_run(automl_dir: str | os.PathLike, variant: str, ckpt: str | os.Pat
             "image_size": h if h == w else f"{w}x{h}",
             "num_classes": num_classes if num_classes not in (None, 90) else None,
             "cases": spec_cases, "eval_detections": eval_detections,
+            "anchors": None if anchors is None else official_anchor_fields(anchors),
             "out": str(tdir / "official.npz"), "out_meta": str(tdir / "official.json"),
         }
         (tdir / "spec.json").write_text(json.dumps(spec))

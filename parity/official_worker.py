@@ -13,7 +13,8 @@ methods of the imported official Keras layer classes (``Stem``, ``MBConvBlock``,
 only while a case runs, so the official computation itself is untouched.
 
 SPEC (JSON): ``automl_dir``, ``variant`` (full name), ``ckpt`` (TF1 dir/prefix or Keras ``.h5``),
-``image_size`` (int, ``'WxH'`` or null = the variant's), ``num_classes`` (or null), ``cases``
+``image_size`` (int, ``'WxH'`` or null = the variant's), ``num_classes`` (or null), ``anchors`` (the
+official ``num_scales``/``anchor_scale``/``aspect_ratios``, or null), ``cases``
 (``{"name", "kind": "random", "input_npz"}`` — the network input, NHWC, under ``input/random`` — or
 ``{"name", "kind": "image", "path"}``), ``eval_detections`` (bool), ``out`` (npz path),
 ``out_meta`` (json path). Output keys follow ``shared/golden/README.md`` (NHWC, ``<case>/...``,
@@ -231,6 +232,7 @@ def run(spec: dict) -> dict:
         overrides["image_size"] = spec["image_size"]
     if spec.get("num_classes") is not None:
         overrides["num_classes"] = int(spec["num_classes"])
+    overrides.update(spec.get("anchors") or {})  # num_scales, anchor_scale, aspect_ratios (pairs as lists)
     config = hparams_config.get_efficientdet_config(variant)
     config.override(overrides)
     hw = official_utils.parse_image_size(config.image_size)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from effdet_cli.convert import main as convert_main
+from effdet_torch.config import get_config
 from converters.convert import ConversionError, convert_checkpoint, load_state_dict_file, save_state_dict
 from converters.name_map import Layout, format_map, name_map_for
 from converters.sources import CheckpointError, H5Source, safe_extract
@@ -54,9 +55,11 @@ def test_config_table_equals_official_config(variant):
     assert cfg.image_size == (facts["image_size"], facts["image_size"])
     assert (cfg.fpn_channels, cfg.fpn_repeats, cfg.head_repeats) == (
         facts["fpn_num_filters"], facts["fpn_cell_repeats"], facts["box_class_repeats"])
-    assert (cfg.min_level, cfg.max_level, cfg.num_scales) == (facts["min_level"], facts["max_level"], facts["num_scales"])
-    assert cfg.anchor_scale == facts["anchor_scale"]
-    assert list(cfg.aspect_ratios) == facts["aspect_ratios"]
+    assert (cfg.min_level, cfg.max_level, cfg.anchors.num_scales) == (facts["min_level"], facts["max_level"],
+                                                                      facts["num_scales"])
+    assert cfg.anchors.official_scales
+    assert cfg.anchors.anchor_scale == facts["anchor_scale"]
+    assert list(cfg.anchors.aspect_ratios) == facts["aspect_ratios"]
     assert cfg.fpn_weight_method == facts["fpn_weight_method_resolved"]
     assert cfg.act_type == facts["act_type"]
     assert cfg.num_classes == facts["num_classes"]
@@ -205,7 +208,7 @@ def test_damaged_h5_is_one_checkpoint_error(tmp_path):
 
 def test_safetensors_and_pth_outputs_load(tmp_path, d0_state, d0_dir):
     for name in ("d0.pth", "d0.safetensors"):
-        digest = save_state_dict(d0_state, tmp_path / name)
+        digest = save_state_dict(d0_state, tmp_path / name, get_config("d0"))
         assert len(digest) == 64
         m = create_model("d0", checkpoint=tmp_path / name)
         assert torch.equal(m.state_dict()["backbone.conv_stem.weight"], d0_state["backbone.conv_stem.weight"])
@@ -387,7 +390,7 @@ def test_pth_that_is_not_a_state_dict(tmp_path):
 
 def test_create_model_resets_only_the_class_head(tmp_path, d0_state):
     p = tmp_path / "d0.pth"
-    save_state_dict(d0_state, p)
+    save_state_dict(d0_state, p, get_config("d0"))
     with pytest.warns(UserWarning, match="90 classes, asked for 7"):
         m = create_model("d0", checkpoint=p, num_classes=7)
     assert m.config.num_classes == 7
@@ -420,17 +423,18 @@ def test_killed_while_writing_leaves_no_output(tmp_path, d0_state):
     import signal
 
     src = tmp_path / "sd.pth"
-    save_state_dict(d0_state, src)
+    save_state_dict(d0_state, src, get_config("d0"))
     out = tmp_path / "out.pth"
     code = (
         "import os, signal, torch\n"
         "from converters.convert import save_state_dict, load_state_dict_file\n"
+        "from effdet_torch.config import get_config\n"
         f"sd = load_state_dict_file({str(src)!r})\n"
         "real = torch.save\n"
         "def dying(obj, f, *a, **k):\n"
         "    f.write(b'PK' * 1000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = dying\n"
-        f"save_state_dict(sd, {str(out)!r})\n"
+        f"save_state_dict(sd, {str(out)!r}, get_config('d0'))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO)
     assert proc.returncode == -signal.SIGKILL

@@ -73,7 +73,7 @@ def test_two_process_eval_equals_one_process(tmp_path, synth_ckpt_dir):
     pseudo = annotations_from_detections(doc, one.per_image, cat_map)
     pseudo_ann = tmp_path / "pseudo.json"
     pseudo_ann.write_text(json.dumps(pseudo))
-    stats, _ = evaluate_coco(pseudo, one.rows, category_mapping(pseudo["categories"], 90), one.image_ids,
+    stats, _, _ = evaluate_coco(pseudo, one.rows, category_mapping(pseudo["categories"], 90), one.image_ids,
                              verbose=False)
     assert stats[0] > 0.2, stats
 

@@ -117,8 +117,8 @@ def test_ap_from_ours_equals_ap_from_official(npz, ours, chelsea_set, capsys, cl
     _, doc, cat_map = chelsea_set
     if not clip:  # boxes as detected (far outside the image): AP high, every IoU threshold in play
         doc = annotations_from_detections(doc, {IMAGE_ID: _official_rows(npz)}, cat_map, clip=False)
-    official_stats, _ = evaluate_coco(doc, _official_rows(npz), cat_map, [IMAGE_ID], verbose=False)
-    our_stats, _ = evaluate_coco(doc, ours.rows, cat_map, ours.image_ids, verbose=False)
+    official_stats, _, _ = evaluate_coco(doc, _official_rows(npz), cat_map, [IMAGE_ID], verbose=False)
+    our_stats, _, _ = evaluate_coco(doc, ours.rows, cat_map, ours.image_ids, verbose=False)
     assert official_stats[0] > 0.05 and official_stats[1] > 0.1, "the pseudo ground truth must make AP informative"
     delta = np.abs(np.round(our_stats, 3) - np.round(official_stats, 3))
     with capsys.disabled():

@@ -52,8 +52,8 @@ def test_eval_path_on_cuda_agrees_with_cpu(tmp_path, synth_ckpt_dir, capsys):
     pseudo = annotations_from_detections(doc, cpu.per_image, category_mapping(doc["categories"], 90),
                                          clip=False)
     cmap = category_mapping(pseudo["categories"], 90)
-    s_cpu, _ = evaluate_coco(pseudo, cpu.rows, cmap, cpu.image_ids, verbose=False)
-    s_gpu, _ = evaluate_coco(pseudo, gpu.rows, cmap, gpu.image_ids, verbose=False)
+    s_cpu, _, _ = evaluate_coco(pseudo, cpu.rows, cmap, cpu.image_ids, verbose=False)
+    s_gpu, _, _ = evaluate_coco(pseudo, gpu.rows, cmap, gpu.image_ids, verbose=False)
     d_ap = np.abs(s_gpu - s_cpu)
     with capsys.disabled():
         print(f"\n[eval CUDA vs CPU] {torch.cuda.get_device_name(0)}: of "

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from evaluation.coco import (
     COCO_METRIC_NAMES,
     CocoEvalImages,
+    ap_per_class,
     category_mapping,
+    format_per_class,
     check_annotations,
     check_scorable,
     coco_results,
@@ -188,6 +190,38 @@ def test_category_mapping():
         category_mapping(custom, 3, "nope")
 
 
+def test_category_mapping_by_recorded_names():
+    cats = [{"id": 7, "name": "line"}, {"id": 3, "name": "pole"}, {"id": 9, "name": "part"}]
+    m = category_mapping(cats, 3, "auto", class_names=["pole", "line", "part"])
+    assert list(m) == [-1, 3, 7, 9], "a model trained here maps by the names it records"
+    assert list(category_mapping(cats, 3, "auto", class_names=["pole", "line", "bolt"])) == [-1, 3, 7, 9], \
+        "a name the file lacks: the id order, as before"
+    assert list(category_mapping(cats, 3, "names", class_names=["pole", "line", "bolt"])) == [-1, 3, 7, -1]
+    with pytest.raises(ValueError, match="records no names"):
+        category_mapping(cats, 3, "names")
+
+
+def test_ap_per_class_equals_the_official_unit_test():
+    """google/automl coco_metric_test.py::test_mAP, the official per-class AP with a label map: GT car,
+    truck, bicycle; a perfect car and a perfect truck detection, no bicycle: AP 2/3, AP_/car 1.0,
+    AP_/truck 1.0, AP_/bicycle 0.0 (expected values from the official test, not from this code)."""
+    doc = {"images": [{"id": 1, "file_name": "x.png", "width": 100, "height": 100}],
+           "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "truck"}, {"id": 3, "name": "bicycle"}],
+           "annotations": [  # the official [y1, x1, y2, x2] boxes as COCO [x, y, w, h], area 100 each
+               {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 10, 10], "area": 100.0, "iscrowd": 0},
+               {"id": 2, "image_id": 1, "category_id": 2, "bbox": [10, 10, 5, 20], "area": 100.0, "iscrowd": 0},
+               {"id": 3, "image_id": 1, "category_id": 3, "bbox": [30, 30, 20, 10], "area": 100.0, "iscrowd": 0}]}
+    rows = np.array([[1, 10, 10, 10, 10, 0.6, 1], [1, 10, 10, 5, 20, 0.5, 2]], np.float32)
+    cat_map = category_mapping(doc["categories"], 3, "sorted")
+    scores = evaluate_coco(doc, rows, cat_map, [1], verbose=False)
+    assert scores.stats[0] == pytest.approx(2.0 / 3.0)
+    per = ap_per_class(scores, cat_map, None, doc["categories"])
+    assert per == pytest.approx({"AP_/car": 1.0, "AP_/truck": 1.0, "AP_/bicycle": 0.0})
+    assert ap_per_class(scores, cat_map, ["c", "t", "b"], doc["categories"]) == pytest.approx(
+        {"AP_/c": 1.0, "AP_/t": 1.0, "AP_/b": 0.0}), "the model's recorded names win"
+    assert "bicycle" in format_per_class(per) and format_per_class(per).splitlines()[1].split() == ["car", "100.000"]
+
+
 def test_rows_and_results():
     boxes = np.array([[10, 20, 50, 80], [-5.5, 1.25, 3.0, 4.0]], np.float32)  # ymin xmin ymax xmax
     rows = rows_to_array(1000, boxes, np.array([0.9, 0.2], np.float32), np.array([3, 7], np.float32))
@@ -206,10 +240,10 @@ def test_evaluate_coco_handles_empty_and_perfect(synth):
     doc = load_annotations(synth / "annotations" / "instances_synthetic.json")
     cat_map = category_mapping(doc["categories"], 90)
     ids = [im["id"] for im in doc["images"]]
-    stats, text = evaluate_coco(doc, np.zeros((0, 7), np.float32), cat_map, ids, verbose=False)
+    stats, text, _ = evaluate_coco(doc, np.zeros((0, 7), np.float32), cat_map, ids, verbose=False)
     assert stats.shape == (12,) and stats[0] == 0.0
     rows = np.array([[a["image_id"], *a["bbox"], 1.0, a["category_id"]] for a in doc["annotations"]], np.float32)
-    stats, text = evaluate_coco(doc, rows, cat_map, ids, verbose=False)
+    stats, text, _ = evaluate_coco(doc, rows, cat_map, ids, verbose=False)
     assert stats[0] == pytest.approx(1.0) and "Average Precision" in text
 
 
@@ -337,6 +371,12 @@ def test_effdet_eval_end_to_end(synth, d0_pth, tmp_path):
     assert len(per_image) == 4 and max(per_image.values()) <= 100
     m = json.loads(metrics.read_text())
     assert m["images"] == 4 and m["detections"] == len(res) and set(m["metrics"]) == set(COCO_METRIC_NAMES)
+    names = {c["name"] for c in doc["categories"]}
+    assert set(m["per_class"]) == {f"AP_/{n}" for n in names}
+    out_lines = p.stdout.splitlines()
+    head = next(i for i, l in enumerate(out_lines) if l.split() == ["class", "AP"])  # the per-class table
+    assert {l.split()[0] for l in out_lines[head + 1:head + 1 + len(names)]} == names, p.stdout
+    assert all(-1 <= v <= 1 for v in m["per_class"].values())
 
     # the written JSON scores the same as the in-memory float32 rows
     from pycocotools.coco import COCO

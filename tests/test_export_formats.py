@@ -17,9 +17,10 @@ import torch
 from converters.convert import ConversionError, convert_checkpoint
 from converters.name_map import name_map_for
 from converters.tensorbundle import TensorBundleReader
-from converters.writers import (ExportError, keras_layer_names, keras_weight_order, official_hparams, tf1_keys,
+from converters.hparams import hparams_for
+from converters.writers import (ExportError, keras_layer_names, keras_weight_order, tf1_keys,
                                 weight_names_chunks, write_keras_h5, write_tf1_checkpoint)
-from effdet_torch.config import VARIANTS
+from effdet_torch.config import VARIANTS, get_config
 from effdet_torch.model import create_model
 
 from .conftest import PROJECT_GOLDEN, tf_or_skip
@@ -164,8 +165,8 @@ def test_round_trip_largest_variant(variant, tmp_path):
 
 
 def test_custom_class_count_hparams():
-    assert official_hparams("d0", 90) == ""
-    assert official_hparams("lite0", 7) == "num_classes=7"
+    assert hparams_for(get_config("d0"))[0] == ""
+    assert hparams_for(get_config("lite0", num_classes=7))[0] == "num_classes=7"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_cli_tf1_h5(tmp_path, capsys):
 
     state = _random_state("lite0", num_classes=7)
     pth = tmp_path / "l7.pth"
-    save_state_dict(state, pth)
+    save_state_dict(state, pth, get_config("lite0", num_classes=7))
     ck, h5 = tmp_path / "ck", tmp_path / "l7.h5"
     assert export_main(["tf1", "--variant", "lite0", "--weights", str(pth), "-o", str(ck), "--global-step", "5"]) == 0
     out = capsys.readouterr().out
@@ -236,7 +237,13 @@ def test_cli_tf1_h5(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"effdet-export: error: {ck} already exists; pass --force to overwrite"
     assert export_main(["h5", "--variant", "d0", "--weights", str(pth), "-o", str(tmp_path / "x.h5")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"effdet-export: error: {pth}: does not fit efficientdet-d0") and err.count("\n") == 1
+    # the file records its variant: the error says whose weights they are
+    assert err == f"effdet-export: error: {pth}: holds efficientdet-lite0 weights (its record), not efficientdet-d0\n"
+    bare = tmp_path / "bare.pth"  # a state dict without a record (another tool's): the map says it does not fit
+    torch.save(state, bare)
+    assert export_main(["h5", "--variant", "d0", "--weights", str(bare), "-o", str(tmp_path / "x.h5")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"effdet-export: error: {bare}: does not fit efficientdet-d0") and err.count("\n") == 1
     assert export_main(["tf1", "--variant", "lite0", "--weights", str(tmp_path / "nope.pth"), "-o", str(tmp_path / "y")]) == 1
     assert "nope.pth: no such file" in capsys.readouterr().err
     assert export_main(["h5", "--variant", "d9", "--weights", str(pth), "-o", str(tmp_path / "z.h5")]) == 2
@@ -251,7 +258,7 @@ def test_cli_torch_export(tmp_path, capsys):
     from effdet_cli.export import main as export_main
 
     state = _random_state("lite0")
-    save_state_dict(state, tmp_path / "l.pth")
+    save_state_dict(state, tmp_path / "l.pth", get_config("lite0"))
     out = tmp_path / "l.pt2"
     assert export_main(["torch-export", "--variant", "lite0", "--weights", str(tmp_path / "l.pth"), "--image-size",
                         "128", "-o", str(out)]) == 0

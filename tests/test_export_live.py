@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from converters.convert import convert_checkpoint, save_state_dict
+from effdet_torch.config import get_config
+from converters.convert import convert_checkpoint, load_state_dict_file, save_state_dict
 from effdet_cli.export import main as export_main
 from effdet_cli.parity import main as parity_main
 
@@ -25,20 +26,20 @@ pytestmark = [pytest.mark.tf, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def d0_pth(synth_ckpt_dir, tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("pth") / "d0.pth"
-    save_state_dict(convert_checkpoint(synth_ckpt_dir("efficientdet-d0"), "d0").state_dict, p)
+    save_state_dict(convert_checkpoint(synth_ckpt_dir("efficientdet-d0"), "d0").state_dict, p, get_config("d0"))
     return p
 
 
 @pytest.fixture(scope="module")
 def d0_7cls_pth(d0_pth, tmp_path_factory) -> Path:
     """d0 with a 7-class head (seeded N(0, 0.01) weights, bias -4.6 as the official prior init)."""
-    state = torch.load(d0_pth, weights_only=True)
+    state = load_state_dict_file(d0_pth)
     g = torch.Generator().manual_seed(7)
     w = state["class_net.predict.conv_pw.weight"]
     state["class_net.predict.conv_pw.weight"] = torch.randn((9 * 7, *w.shape[1:]), generator=g) * 0.01
     state["class_net.predict.conv_pw.bias"] = torch.full((9 * 7,), -4.6)
     p = tmp_path_factory.mktemp("pth7") / "d0_7.pth"
-    save_state_dict(state, p)
+    save_state_dict(state, p, get_config("d0", num_classes=7))
     return p
 
 

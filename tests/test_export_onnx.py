@@ -189,7 +189,7 @@ def test_cli_onnx_custom_classes(tmp_path, capsys):
 
     torch.manual_seed(0)
     model = create_model("lite0", num_classes=7, image_size=128)
-    save_state_dict(model.state_dict(), tmp_path / "l7.pth")
+    save_state_dict(model.state_dict(), tmp_path / "l7.pth", model.config)
     out = tmp_path / "l7.onnx"
     args = ["onnx", "--variant", "lite0", "--weights", str(tmp_path / "l7.pth"), "--image-size", "128", "-o", str(out)]
     assert export_main(args) == 0

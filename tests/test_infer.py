@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from effdet_torch.config import get_config
 from converters.convert import convert_checkpoint, save_state_dict
 from effdet_torch.coco_names import COCO_CATEGORIES, COCO_UNUSED_IDS, coco_class_name, label_map
 from effdet_cli.infer import atomic_write, main as infer_main
@@ -35,7 +36,7 @@ def d0_dir(synth_ckpt_dir) -> Path:
 @pytest.fixture(scope="module")
 def weights(d0_dir, tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("weights") / "efficientdet-d0.pth"
-    save_state_dict(convert_checkpoint(d0_dir, "d0").state_dict, p)
+    save_state_dict(convert_checkpoint(d0_dir, "d0").state_dict, p, get_config("d0"))
     return p
 
 
@@ -169,7 +170,7 @@ def test_usage_errors(pictures, weights, capsys):
 def test_wrong_weights_are_one_clear_error(pictures, weights, tmp_path, capsys):
     assert _run(pictures / "chelsea.png", "--weights", weights, "--variant", "d1", "-o", tmp_path / "o") == 1
     err = capsys.readouterr().err
-    assert "cannot load the model" in err and "does not fit efficientdet-d1" in err
+    assert "cannot load the model" in err and "holds efficientdet-d0 weights (its record), not efficientdet-d1" in err
     assert not (tmp_path / "o").exists()
 
 

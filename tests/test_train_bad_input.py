@@ -94,8 +94,7 @@ def test_truncated_image_file(root, capsys, workers):
     ("train_set", "../elsewhere", "train_set: must be a plain folder name, got '../elsewhere'"),
     ("anchors_scales", 2, "anchors_scales: must be a list of positive numbers, got 2"),
     ("anchors_ratios", "[(1.0, 1.0), (2.0,)]", "anchors_ratios: must be a list of (width, height) pairs"),
-    # the seed's format, other ratios: refused, never silently trained with the official ones
-    ("anchors_ratios", "[(1.0, 1.0), (2.0, 0.5), (0.5, 2.0)]", "custom anchors_ratios"),
+    ("anchor_scale", "big", "anchor_scale: must be a positive number (or one per level), got 'big'"),
 ])
 def test_bad_project_field(root, capsys, key, value, fault):
     """A project file (projects/NAME.yml) field of the wrong type or value: one line naming the file
@@ -111,14 +110,20 @@ def test_bad_project_field(root, capsys, key, value, fault):
 
 
 def test_official_anchor_ratio_spellings_both_train(root, capsys):
-    """(1.4, 0.7) is the seed's spelling of the official aspect ratio 2 (sqrt(2), 1/sqrt(2))."""
+    """(1.4, 0.7) is the seed's spelling of the official aspect ratio 2 (sqrt(2), 1/sqrt(2)): both
+    spellings train with the official anchors, recorded as such in the weights."""
     import yaml
+
+    from effdet_torch.checkpoint import load_weights_file
+    from effdet_torch.config import get_config
 
     yml = root / "projects" / "shape.yml"
     doc = yaml.safe_load(yml.read_text())
     doc["anchors_ratios"] = "[(1.0, 1.0), (2 ** 0.5, 2 ** -0.5), (2 ** -0.5, 2 ** 0.5)]"
     yml.write_text(yaml.safe_dump(doc))
     assert main(_args(root, "--max-steps", "1")) == 0
+    (pth,) = (root / "logs" / "shape").glob("efficientdet-d0_*.pth")
+    assert load_weights_file(pth).record["anchors"] == get_config("d0").anchors
 
 
 def test_bad_boxes_dropped_and_counted(root, capsys):

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from effdet_cli.train import build_parser, main
+from effdet_torch.checkpoint import load_weights_file
 from effdet_torch.config import get_config
 from effdet_torch.model import EfficientDet
 from evaluation.coco import CocoEvalImages, load_annotations
@@ -82,7 +83,9 @@ def test_val_ap_is_effdet_eval_on_the_ema_weights(layout, tmp_path):
     with torch.no_grad():  # and raw weights far from them: a box net that outputs the anchors
         for p in eng.model.box_net.parameters():
             p.zero_()
-    ap = float(eng.evaluate()[0])
+    stats, per_class = eng.evaluate()
+    ap = float(stats[0])
+    assert set(per_class) == {f"AP_/{n}" for n in NAMES}
     # what the EMA .pth files hold (and effdet-infer loads): averaged parameters, the model's current
     # BN statistics (the official EMA averages trainable variables only)
     params = dict(init.named_parameters())
@@ -101,16 +104,19 @@ def test_best_checkpoint_early_stopping_and_csv(layout, tmp_path):
     assert Engine(cfg, info=lambda m: None).fit() == "early-stopped"
     run = tmp_path / "run"
     rows = _csv(run / "train_log.csv")
-    assert list(rows[0]) == list(CSV_FIELDS)
+    assert list(rows[0]) == list(CSV_FIELDS) + [f"AP_/{n}" for n in NAMES]  # the AP of each class
     steps = [r for r in rows if r["loss"]]
     vals = [r for r in rows if r["val_ap"]]
+    assert all(-1 <= float(r[f"AP_/{n}"]) <= 1 for r in vals for n in NAMES)
+    assert all(r[f"AP_/{NAMES[0]}"] == "" for r in steps)
     assert [int(r["step"]) for r in steps] == [1, 2, 3, 4]
     assert [(int(r["step"]), int(r["epoch"])) for r in vals] == [(2, 0), (4, 1)]  # after epochs 0 and 1
     assert all(math.isfinite(float(r[k])) for r in steps for k in ("loss", "cls_loss", "box_loss", "lr", "images_per_s"))
     # best = the first evaluation (the second did not beat it by > 1.0): best.pth == the EMA .pth of step 2
-    best = torch.load(run / "best.pth", weights_only=True)
-    at2 = torch.load(run / "efficientdet-d0_0_2.pth", weights_only=True)
-    assert best.keys() == at2.keys() and all(torch.equal(best[k], at2[k]) for k in best)
+    best = load_weights_file(run / "best.pth")
+    at2 = load_weights_file(run / "efficientdet-d0_0_2.pth")
+    assert best.state.keys() == at2.state.keys() and all(torch.equal(best.state[k], at2.state[k]) for k in best.state)
+    assert best.record == at2.record and best.record["class_names"] == tuple(cfg.obj_list)
     last = torch.load(run / "last.ckpt", weights_only=True)
     assert (last["step"], last["best_step"], last["evals_since_best"]) == (4, 2, 1)
     assert last["best_ap"] == float(vals[0]["val_ap"])

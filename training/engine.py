@@ -14,7 +14,8 @@ What one run does (defaults = the official recipe, see :mod:`training.step` / :m
 - every ``val_interval`` epochs: COCO AP of the EMA weights on the val set through the evaluation
   path (:func:`evaluation.evaluate.run_eval` + :func:`evaluation.coco.evaluate_coco`), the best as
   ``best.pth``; early stopping after ``es_patience`` evaluations without an AP gain above ``es_min_delta``;
-- logs: ``LOG/train_log.csv`` (a row per step and per evaluation), TensorBoard scalars under
+- logs: ``LOG/train_log.csv`` (a row per step and per evaluation, with the AP of each class as
+  ``AP_/<name>`` columns), TensorBoard scalars under
   ``LOG/tensorboard/`` when ``torch.utils.tensorboard`` imports, a tqdm bar on a terminal (a plain
   line every ``log_interval`` steps otherwise), ``--debug`` pictures under ``LOG/debug/``;
 - Ctrl+C: the step in flight finishes, the state is saved, :meth:`fit` returns ``"interrupted"``;
@@ -33,7 +34,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,11 +42,12 @@ import numpy as np
 import torch
 
 from effdet_torch.anchors import generate_anchors
-from effdet_torch.config import get_config
-from effdet_torch.checkpoint import torch_writer
+from effdet_torch.config import AnchorConfig, get_config
+from effdet_torch.checkpoint import RECORD_KEY, model_record, torch_writer, weights_writer
 from effdet_torch.files import atomic_write, atomic_write_many
-from effdet_torch.model import EfficientDet, create_model
-from evaluation.coco import CocoEvalImages, check_scorable, evaluate_coco, load_annotations, read_image_rgb
+from effdet_torch.model import EfficientDet, load_pretrained
+from evaluation.coco import (CocoEvalImages, ap_per_class, check_scorable, evaluate_coco, load_annotations,
+                             read_image_rgb)
 from evaluation.evaluate import broadcast_from_rank0, gather_to_rank0, init_distributed, run_eval
 
 from .data import CocoTrainDataset, collate
@@ -104,6 +105,7 @@ class TrainConfig:
     force: bool = False
     deterministic: bool = False
     progress: bool | None = None  # None: a tqdm bar when stderr is a terminal
+    anchors: AnchorConfig | None = None  # the project's anchors; None: the variant's official ones
     extra: dict = field(default_factory=dict)
 
 
@@ -161,7 +163,8 @@ class Engine:
 
         # data
         self.obj_list = list(cfg.obj_list)
-        self.model_cfg = get_config(cfg.variant, image_size=cfg.image_size, num_classes=len(self.obj_list))
+        self.model_cfg = get_config(cfg.variant, image_size=cfg.image_size, anchors=cfg.anchors,
+                                    class_names=self.obj_list)
         self.mean = list(cfg.mean_rgb or self.model_cfg.mean_rgb)
         self.std = list(cfg.stddev_rgb or self.model_cfg.stddev_rgb)
         if not 0 < cfg.jitter[0] <= cfg.jitter[1]:
@@ -196,15 +199,10 @@ class Engine:
         # model, optimizer, schedule, EMA
         _seed_everything(cfg.seed)
         ckpt = self._read_checkpoint(self.last_path) if resuming else None
+        model = EfficientDet(self.model_cfg)
         if cfg.weights and not resuming:
-            with warnings.catch_warnings(record=True) as caught:  # e.g. "class predictor reset": one line each
-                warnings.simplefilter("always")
-                model = create_model(cfg.variant, checkpoint=cfg.weights, num_classes=len(self.obj_list),
-                                     image_size=cfg.image_size)
-            for w in caught:
-                self.warn(str(w.message))
-        else:
-            model = EfficientDet(self.model_cfg)
+            for note in load_pretrained(model, cfg.weights):  # predictors another class/anchor count changes: reset
+                self.warn(note)
         if self.dist.enabled:
             convert_sync_batchnorm(model)
         # one memory format for every run (fresh, from weights, resumed), so resumed steps are bit-equal
@@ -276,9 +274,15 @@ class Engine:
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not an effdet-train checkpoint ({CHECKPOINT_FORMAT})")
         mine = {"variant": self.cfg.variant, "obj_list": self.obj_list,
-                "image_size": list(self.model_cfg.image_size), "optim": self.cfg.optim}
+                "image_size": list(self.model_cfg.image_size), "optim": self.cfg.optim,
+                "anchors": self.model_cfg.anchors.to_dict()}
         for k, v in mine.items():
-            if ckpt[k] != v:
+            # runs saved before anchors were recorded trained with the official ones
+            theirs = ckpt.get(k, get_config(self.cfg.variant).anchors.to_dict() if k == "anchors" else None)
+            if theirs != v:
+                if k == "anchors":
+                    raise ValueError(f"{path}: the run was trained with anchors {AnchorConfig.from_dict(theirs).describe()}, "
+                                     f"not {self.model_cfg.anchors.describe()}; resume with the same anchors")
                 raise ValueError(f"{path}: the run was trained with {k} {ckpt[k]!r}, not {v!r}; resume with the same setting")
         for k in ("batch_size", "num_epochs", "lr", "seed", "head_only"):
             if ckpt["config"].get(k) != getattr(self.cfg, k):
@@ -291,6 +295,7 @@ class Engine:
         return {
             "format": CHECKPOINT_FORMAT, "variant": self.cfg.variant, "obj_list": self.obj_list,
             "image_size": list(self.model_cfg.image_size), "optim": self.cfg.optim,
+            "anchors": self.model_cfg.anchors.to_dict(), RECORD_KEY: model_record(self.model_cfg),
             "config": {k: v for k, v in asdict(self.cfg).items() if isinstance(v, (int, float, str, bool, type(None)))},
             "model": self.model.state_dict(), "ema": self.ema.shadow, "optimizer": self.optimizer.state_dict(),
             "schedule": asdict(self.schedule), "step": self.step, "epoch": self.epoch,
@@ -337,7 +342,8 @@ class Engine:
         was = self._critical
         self._critical = True  # a Ctrl+C waits for the renames (the files are consistent either way)
         try:
-            atomic_write_many([(self.last_path, torch_writer(state)), (weights, torch_writer(ema_weights))])
+            atomic_write_many([(self.last_path, torch_writer(state)),
+                               (weights, weights_writer(ema_weights, self.model_cfg, weights))])
         finally:
             self._critical = was
         self.last_good = (self.last_path, self.step)
@@ -470,34 +476,41 @@ class Engine:
             p.requires_grad_(False)
         return model.fuse_for_inference()
 
-    def evaluate(self) -> np.ndarray | None:
-        """The 12 COCO stats of the EMA weights on the val set (None without a val set)."""
+    def evaluate(self) -> tuple[np.ndarray, dict[str, float]] | None:
+        """The 12 COCO stats of the EMA weights on the val set and the AP of each class
+        (``{"AP_/<name>": AP}``, :func:`evaluation.coco.ap_per_class`); None without a val set."""
         if self.val_set is None:
             return None
         out = run_eval(self.ema_model(), self.val_set, device=self.device, batch_size=self.cfg.batch_size,
                        num_workers=0, post_workers=0, progress=False)
-        stats, _ = evaluate_coco(self.val_doc, out.rows, self.cat_map, out.image_ids, out.row_image_ids, verbose=False)
-        return stats
+        scores = evaluate_coco(self.val_doc, out.rows, self.cat_map, out.image_ids, out.row_image_ids, verbose=False)
+        return scores.stats, ap_per_class(scores, self.cat_map, self.obj_list, self.val_doc.get("categories", []))
 
     def _validate(self) -> bool:
         """Evaluate, log, keep ``best.pth``; True when early stopping says stop."""
-        stats = self.evaluate()
-        if stats is None:
+        result = self.evaluate()
+        if result is None:
             return False
+        stats, per_class = result
         ap = float(stats[0])
         done = self.epoch - 1  # the 0-based epoch just finished (the CSV's epoch column is 0-based throughout)
-        self._csv_row({"step": self.step, "epoch": done, "val_ap": repr(ap), "val_ap50": repr(float(stats[1]))})
+        self._csv_row({"step": self.step, "epoch": done, "val_ap": repr(ap), "val_ap50": repr(float(stats[1])),
+                       **{k: repr(v) for k, v in per_class.items()}})
         if self._tb is not None:
             self._tb.add_scalar("val/AP", ap, self.step)
             self._tb.add_scalar("val/AP50", float(stats[1]), self.step)
+            for k, v in per_class.items():
+                self._tb.add_scalar(f"val/{k}", v, self.step)
         improved = self.best_ap is None or ap > self.best_ap + self.cfg.es_min_delta
         if improved:
             self.best_ap, self.best_step, self.evals_since_best = ap, self.step, 0
-            atomic_write(self.best_path, torch_writer(self.ema.state_dict(self.model)))
+            atomic_write(self.best_path, weights_writer(self.ema.state_dict(self.model), self.model_cfg, self.best_path))
         else:
             self.evals_since_best += 1
         self.info(f"epoch {done} step {self.step}: val AP {ap:.4f} AP50 {float(stats[1]):.4f} "
-                  f"(best {self.best_ap:.4f} at step {self.best_step}{', saved ' + str(self.best_path) if improved else ''})")
+                  f"(best {self.best_ap:.4f} at step {self.best_step}{', saved ' + str(self.best_path) if improved else ''})"
+                  + ("; per class " + ", ".join(f"{k[4:]} {v:.4f}" if v >= 0 else f"{k[4:]} n/a"
+                                                for k, v in per_class.items()) if per_class else ""))
         return bool(self.cfg.es_patience) and self.evals_since_best >= self.cfg.es_patience
 
     def _debug_pictures(self) -> None:
@@ -527,15 +540,20 @@ class Engine:
 
         def write(tmp: str) -> None:
             with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, CSV_FIELDS)
+                w = csv.DictWriter(f, self.csv_fields)
                 w.writeheader()
-                w.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in rows)
+                w.writerows({k: r.get(k, "") for k in self.csv_fields} for r in rows)
 
         atomic_write(self.csv_path, write)
 
+    @property
+    def csv_fields(self) -> tuple[str, ...]:
+        """:data:`CSV_FIELDS`, then ``AP_/<class name>`` of every class (filled on evaluation rows)."""
+        return CSV_FIELDS + tuple(f"AP_/{n}" for n in self.obj_list)
+
     def _csv_row(self, row: dict) -> None:
         with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
+            csv.DictWriter(f, self.csv_fields).writerow({k: row.get(k, "") for k in self.csv_fields})
 
     def _bar(self, bar):
         if bar is not None:

@@ -36,6 +36,7 @@ import torch
 from converters.name_map import build_name_map
 from effdet_torch import files
 from effdet_torch.anchors import generate_anchors
+from effdet_torch.config import AnchorConfig
 from effdet_torch.model import EfficientDet
 
 from .augment import AugmentDraws, train_transform
@@ -332,6 +333,12 @@ def run_train_golden(model: EfficientDet, golden_dir: str | os.PathLike, log=pri
                          f"{model.config.image_size} (pass --image-size)")
     if spec.num_classes != model.config.num_classes:
         raise ValueError(f"{golden_dir}: recorded with {spec.num_classes} classes, the model has {model.config.num_classes}")
+    hp = meta["config"]["hparams"]
+    if any(k in hp for k in ("num_scales", "anchor_scale", "aspect_ratios")):
+        recorded = AnchorConfig.from_dict({k: hp[k] for k in ("num_scales", "anchor_scale", "aspect_ratios") if k in hp})
+        if recorded != model.config.anchors:
+            raise ValueError(f"{golden_dir}: recorded with anchors {recorded.describe()}, the model has "
+                             f"{model.config.anchors.describe()} (pass the recording's --hparams)")
     if tuple(ref["input/images"].shape[1:3]) != tuple(spec.image_hw) or ref["input/images"].shape[0] != spec.batch:
         raise ValueError(f"{golden_dir}/train_step.npz: input/images {ref['input/images'].shape} does not fit "
                          f"meta.json (batch {spec.batch}, image {spec.image_hw})")

@@ -2,7 +2,8 @@
 
 ``project_name``, ``train_set``, ``val_set``, ``num_gpus``, ``mean``/``std`` (0–1 scale),
 ``anchors_scales``/``anchors_ratios`` (Python expression strings in the seed: parsed here as numbers,
-lists/tuples and ``+ - * / **`` only) and ``obj_list``; the images are
+lists/tuples and ``+ - * / **`` only; :func:`project_anchors` turns them into the model's anchors),
+the official ``anchor_scale`` (optional) and ``obj_list``; the images are
 ``DATA/project_name/{set}/`` with ``DATA/project_name/annotations/instances_{set}.json``.
 """
 from __future__ import annotations
@@ -11,7 +12,9 @@ import ast
 import operator
 from pathlib import Path
 
-__all__ = ["load_project", "parse_number_list", "pixel_scale", "dataset_paths"]
+from effdet_torch.config import AnchorConfig, get_config, octave_scales
+
+__all__ = ["dataset_paths", "load_project", "parse_number_list", "pixel_scale", "project_anchors"]
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
@@ -97,7 +100,50 @@ def load_project(path: Path) -> dict:
         elif not (isinstance(p[key], list) and p[key] and all(
                 isinstance(r, list) and len(r) == 2 and all(_is_number(x) and x > 0 for x in r) for r in p[key])):
             bad(key, "must be a list of (width, height) pairs of positive numbers")
+    if p.get("anchor_scale") is not None:
+        v = p["anchor_scale"]
+        if not ((_is_number(v) and v > 0) or (isinstance(v, list) and v and all(_is_number(x) and x > 0 for x in v))):
+            bad("anchor_scale", "must be a positive number (or one per level)")
     return p
+
+
+#: how far the seed's spellings of the official ratios are from them: its default (1.4, 0.7) has area 0.98
+_AREA_TOL = 0.03
+_RATIO_TOL = 1e-6
+
+
+def project_anchors(project: dict, variant: str, source: str = "project") -> AnchorConfig:
+    """The anchors a project file asks for (official semantics, :class:`~effdet_torch.config.AnchorConfig`):
+
+    - ``anchors_scales``: multipliers of the base size; the official octaves ``2^(i/n)`` (within
+      1e-6, the seed's default spells them so) stay official, any other list is kept as given;
+    - ``anchors_ratios``: ``(x, y)`` pairs used as given, as the official code reads a pair — except
+      that a list which only re-spells the variant's official ratios (each pair of area 1 within 3 %
+      whose ``x / y`` equals the official ratio: the seed's default ``[(1.0, 1.0), (1.4, 0.7), (0.7,
+      1.4)]``) means the official ratios themselves;
+    - ``anchor_scale`` (the official name; not in the seed's files): the base size in strides.
+    Absent fields keep the variant's official values."""
+    official = get_config(variant).anchors
+    scales = project.get("anchors_scales")
+    if scales is None:
+        scales = official.scales
+    else:
+        octaves = octave_scales(len(scales))
+        scales = octaves if all(abs(s - o) <= _RATIO_TOL for s, o in zip(scales, octaves)) else tuple(scales)
+    ratios = project.get("anchors_ratios")
+    if ratios is None:
+        ratios = official.aspect_ratios
+    elif len(ratios) == len(official.aspect_ratios) and all(
+            not isinstance(r, tuple) and abs(x * y - 1) <= _AREA_TOL and abs(x / y - r) <= _RATIO_TOL
+            for (x, y), r in zip(ratios, official.aspect_ratios)):
+        ratios = official.aspect_ratios
+    else:
+        ratios = tuple(tuple(r) for r in ratios)
+    anchor_scale = project.get("anchor_scale", official.anchor_scale)
+    try:
+        return AnchorConfig(anchor_scale=anchor_scale, scales=tuple(scales), aspect_ratios=tuple(ratios))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def pixel_scale(values, default) -> list[float]:
