@@ -414,3 +414,18 @@ def test_official_training_step_with_custom_anchors(custom_ckpt, tmp_path, capsy
     assert parity_main(args + ["--hparams", str(wrong), "--force"]) == 1
     err = capsys.readouterr().err
     assert "recorded with anchors anchor_scale 3" in err and "the model has anchor_scale 4" in err
+
+
+def test_live_compare_with_custom_anchors(official, custom_ckpt, tmp_path):
+    """``effdet-parity compare --hparams`` with the official model built from the same config.yaml
+    (needs --automl-dir): every tap passes, the anchors bit for bit."""
+    from effdet_cli.parity import main as parity_main
+
+    out = tmp_path / "report"
+    assert parity_main(["compare", "--variant", "d0", "--weights", str(custom_ckpt), "--hparams",
+                        str(CUSTOM / "config.yaml"), "--automl-dir", str(official), "--random", "--image-size",
+                        "256", "--coarse", "--no-pictures", "--no-progress", "--quiet", "-o", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    anchors = next(t for t in rep["taps"] if t["name"] == "anchors")
+    assert rep["passed"] and anchors["max_abs_err"] == 0.0 and anchors["shape"] == [10912, 4]
+    assert rep["meta"]["config_overrides"]["aspect_ratios"] == [1.0, [1.5, 0.7], 0.4, 3.0]
