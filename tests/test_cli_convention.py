@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from effdet_cli import bench, convert, evaluate, export, infer, parity, train
+from effdet_cli import anchors, bench, convert, evaluate, export, infer, parity, train
 from effdet_cli.common import parse_args, variant_type
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +23,7 @@ PARSERS = {
     "effdet-eval": evaluate.build_parser,
     "effdet-train": train.build_parser,
     "effdet-bench": bench.build_parser,
+    "effdet-anchors": anchors.build_parser,
 }
 SUBCOMMANDS = {
     "effdet-parity": (parity.build_parser, ("golden", "compare", "record", "visualize", "synth-ckpt", "train-golden")),
@@ -30,7 +31,7 @@ SUBCOMMANDS = {
 }
 MAINS = {"convert-ckpt": convert.main, "effdet-infer": infer.main, "effdet-eval": evaluate.main,
          "effdet-train": train.main, "effdet-bench": bench.main, "effdet-parity": parity.main,
-         "effdet-export": export.main}
+         "effdet-export": export.main, "effdet-anchors": anchors.main}
 
 
 def _all_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
@@ -47,7 +48,7 @@ def _all_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
 # exporter (traced and checked with onnxruntime on the CPU) and train-golden (CPU: its float64 rerun
 # measures our rounding there); synth-ckpt writes a checkpoint file by rule
 NO_DEVICE = {"effdet-export onnx", "effdet-export tf1", "effdet-export h5", "effdet-parity train-golden",
-             "effdet-parity synth-ckpt"}
+             "effdet-parity synth-ckpt", "effdet-anchors"}  # effdet-anchors: box geometry on the CPU, no model
 NO_OUTPUT = {"effdet-parity golden", "effdet-parity train-golden"}  # they write --json reports only
 OLD = {"--ckpt", "--out", "--out-dir", "--load-weights", "--load_weights", "--saved-path", "--saved_path", "--json"}
 
@@ -57,7 +58,7 @@ def test_options_follow_the_convention_and_hide_old_spellings(name, parser):
     shown = {s for a in parser._actions if a.help is not argparse.SUPPRESS for s in a.option_strings}
     hidden = {s for a in parser._actions if a.help is argparse.SUPPRESS for s in a.option_strings}
     assert "--variant" in shown, name
-    assert "--weights" in shown or name == "effdet-parity synth-ckpt", name
+    assert "--weights" in shown or name in ("effdet-parity synth-ckpt", "effdet-anchors"), name
     assert {"-o", "--output"} <= shown or name in NO_OUTPUT, name
     assert "--device" in shown or name in NO_DEVICE, name
     assert not (shown & OLD) or name in ("effdet-parity golden", "effdet-parity train-golden"), \
@@ -87,6 +88,7 @@ def test_variant_names_short_or_full(name):
     ("effdet-eval", ["--variant", "d8", "--weights", "w", "--images", "i", "--annotations", "a"]),
     ("effdet-train", ["--variant", "d8"]),
     ("effdet-bench", ["--variant", "d8"]),
+    ("effdet-anchors", ["--variant", "d8", "-p", "x"]),
     ("effdet-parity", ["golden", "--variant", "d8", "--weights", "w", "--golden", "g"]),
     ("effdet-export", ["onnx", "--variant", "d8", "--weights", "w", "-o", "o.onnx"]),
 ])
@@ -103,6 +105,7 @@ def test_unknown_variant_is_a_usage_error_that_suggests(prog, argv, capsys):
                      "{tmp}/missing.json"]),
     ("effdet-train", ["--variant", "d0", "-p", "missing", "--projects-dir", "{tmp}"]),
     ("effdet-bench", ["--variant", "d0", "--weights", "{tmp}/missing.pth", "--no-effdet"]),
+    ("effdet-anchors", ["--variant", "d0", "-p", "missing", "--projects-dir", "{tmp}"]),
     ("effdet-parity", ["golden", "--variant", "d0", "--weights", "{tmp}/w", "--golden", "{tmp}/missing.npz"]),
     ("effdet-export", ["onnx", "--variant", "d0", "--weights", "{tmp}/missing.pth", "-o", "{tmp}/o.onnx"]),
 ])

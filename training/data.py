@@ -56,6 +56,7 @@ class CocoTrainDataset(Dataset):
                 continue
             by_image.setdefault(a["image_id"], []).append(a)
         self.items = []
+        self.sizes = []  # (height, width) of each item's image, as the annotation file gives it
         self.dropped = 0  # zero-area, non-finite or entirely out-of-image boxes
         self.clipped = 0  # boxes reaching outside the image, clipped to it
         self.negatives = 0  # images without any (kept) box: allowed, pure background
@@ -87,6 +88,7 @@ class CocoTrainDataset(Dataset):
             arr = np.asarray(rows, np.float32).reshape(-1, 6)
             self.negatives += int(not len(arr))
             self.items.append((path, arr))
+            self.sizes.append((h, w))
         if missing:
             raise FileNotFoundError(f"{src}: {len(missing)} image file(s) missing under {root}, e.g. {missing[0]}")
         if not self.items:

@@ -98,8 +98,9 @@ def load_project(path: Path) -> dict:
             if not ok:
                 bad(key, "must be a list of positive numbers")
         elif not (isinstance(p[key], list) and p[key] and all(
-                isinstance(r, list) and len(r) == 2 and all(_is_number(x) and x > 0 for x in r) for r in p[key])):
-            bad(key, "must be a list of (width, height) pairs of positive numbers")
+                (isinstance(r, list) and len(r) == 2 and all(_is_number(x) and x > 0 for x in r))
+                or (_is_number(r) and r > 0) for r in p[key])):
+            bad(key, "must be a list of (width, height) pairs (or official ratios width/height) of positive numbers")
     if p.get("anchor_scale") is not None:
         v = p["anchor_scale"]
         if not ((_is_number(v) and v > 0) or (isinstance(v, list) and v and all(_is_number(x) and x > 0 for x in v))):
@@ -120,7 +121,9 @@ def project_anchors(project: dict, variant: str, source: str = "project") -> Anc
     - ``anchors_ratios``: ``(x, y)`` pairs used as given, as the official code reads a pair — except
       that a list which only re-spells the variant's official ratios (each pair of area 1 within 3 %
       whose ``x / y`` equals the official ratio: the seed's default ``[(1.0, 1.0), (1.4, 0.7), (0.7,
-      1.4)]``) means the official ratios themselves;
+      1.4)]``) means the official ratios themselves; a plain number ``r`` is an official ratio
+      (``√r`` wide, ``1/√r`` high: what ``effdet-anchors`` suggests, and the official ``--hparams``
+      string can carry);
     - ``anchor_scale`` (the official name; not in the seed's files): the base size in strides.
     Absent fields keep the variant's official values."""
     official = get_config(variant).anchors
@@ -134,11 +137,11 @@ def project_anchors(project: dict, variant: str, source: str = "project") -> Anc
     if ratios is None:
         ratios = official.aspect_ratios
     elif len(ratios) == len(official.aspect_ratios) and all(
-            not isinstance(r, tuple) and abs(x * y - 1) <= _AREA_TOL and abs(x / y - r) <= _RATIO_TOL
-            for (x, y), r in zip(ratios, official.aspect_ratios)):
+            isinstance(p, list) and abs(p[0] * p[1] - 1) <= _AREA_TOL and abs(p[0] / p[1] - r) <= _RATIO_TOL
+            for p, r in zip(ratios, official.aspect_ratios)):
         ratios = official.aspect_ratios
     else:
-        ratios = tuple(tuple(r) for r in ratios)
+        ratios = tuple(tuple(r) if isinstance(r, list) else float(r) for r in ratios)
     anchor_scale = project.get("anchor_scale", official.anchor_scale)
     try:
         return AnchorConfig(anchor_scale=anchor_scale, scales=tuple(scales), aspect_ratios=tuple(ratios))
